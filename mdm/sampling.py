@@ -219,7 +219,9 @@ def sample_dpmpp_2m(
 
     With ``lambda = logSNR / 2`` and ``h = lambda_s - lambda_t``:
     ``z_s = (sigma_s / sigma_t) z_t - alpha_s (e^{-h} - 1) D`` where D is x0 at the first
-    step and ``(1 + 1/2r) x0_t - (1/2r) x0_prev`` after, ``r = h_prev / h``.
+    step and ``(1 + 1/2r) x0_t - (1/2r) x0_prev`` after, ``r = h_prev / h``. The final step,
+    where the log-SNR jumps to its maximum and r is tiny, is taken at first order (as
+    DPM-Solver's ``lower_order_final``) to avoid amplifying the extrapolation.
     """
     zs = [z.float() for z in zs]
     prev_x0: Latents | None = None
@@ -234,8 +236,8 @@ def sample_dpmpp_2m(
             lam_t = denoiser.schedule.logsnr(t.reshape(1), i).reshape(()) / 2
             lam_s = denoiser.schedule.logsnr(s.reshape(1), i).reshape(()) / 2
             h = lam_s - lam_t
-            if prev_x0 is None:
-                d = x0
+            if prev_x0 is None or step == len(ts) - 2:
+                d = x0  # first order at the first and the final step
             else:
                 r = prev_h[i] / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0[i]

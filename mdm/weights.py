@@ -143,10 +143,18 @@ def load_pretrained(src: str | os.PathLike, device: str | torch.device = "cpu") 
     config = MDMConfig.from_json((folder / CONFIG_FILE).read_text())
     model = MDMModel(config.model)
     state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
         raise ValueError(
-            f"weights in {src} do not match config.json: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
+            f"weights in {src} do not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shapes {wrong[:3]}; was the folder written by another model?"
         )
+    model.load_state_dict(state)
     return model.to(device).eval(), config

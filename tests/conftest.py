@@ -32,28 +32,26 @@ def emoji():
     return images, captions
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, emoji, text_encoder):
-    """Stage tiny-32 then tiny-32-64, trained on 4 real images; returns their folders and loss curves."""
+def train_tiny_chain(root, images, captions, text_encoder):
+    """Stage tiny-32 then tiny-32-64 on four real emoji; their folders and loss curves."""
     from mdm import EMA, MDMModel, TrainConfig, get_config, grow, save_pretrained
     from mdm.conditioning import null_condition
     from mdm.data import InMemoryImageSet
     from mdm.training import train_local
 
-    images, captions = emoji
     idx = [4, 9, 11, 12]  # fox face, penguin, red apple, rocket
     imgs, caps = images[idx], [captions[i] for i in idx]
-    root = tmp_path_factory.mktemp("trained")
     torch.manual_seed(0)
 
     cfg32 = get_config("tiny-32")
     m32 = MDMModel(cfg32.model)
     null = null_condition(cfg32.model.conditioning, 1, text_encoder)
     ema = EMA(m32, 0.95)
+    data32 = InMemoryImageSet(imgs, cfg32, caps, encoder=text_encoder)
     hist32 = train_local(
         m32,
         cfg32,
-        InMemoryImageSet(imgs, cfg32, caps, encoder=text_encoder).batches(8),
+        data32.batches(8),
         TrainConfig(steps=150, batch_size=8, lr=3e-3, warmup_steps=10),
         null=null,
         ema=ema,
@@ -66,10 +64,11 @@ def trained(tmp_path_factory, emoji, text_encoder):
     cfg64 = get_config("tiny-32-64")
     m64 = grow(m32, cfg32, cfg64)
     ema = EMA(m64, 0.9)
+    data64 = InMemoryImageSet(imgs, cfg64, caps, encoder=text_encoder)
     hist64 = train_local(
         m64,
         cfg64,
-        InMemoryImageSet(imgs, cfg64, caps, encoder=text_encoder).batches(8),
+        data64.batches(8),
         TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup_steps=5),
         null=null,
         ema=ema,
@@ -87,6 +86,13 @@ def trained(tmp_path_factory, emoji, text_encoder):
         "images": imgs,
         "captions": caps,
     }
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, emoji, text_encoder):
+    """The tiny chain trained once per session (about a minute and a half on 2 cores)."""
+    images, captions = emoji
+    return train_tiny_chain(tmp_path_factory.mktemp("trained"), images, captions, text_encoder)
 
 
 @pytest.fixture(scope="session")

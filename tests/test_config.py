@@ -30,7 +30,7 @@ def test_named_config_shapes_on_meta_device(name):
         p.numel() for n, p in model.named_parameters() if n.startswith("unet." + "inner." * (len(m.resolutions) - 1))
     )
     total = sum(p.numel() for p in model.parameters())
-    assert inner / total > 0.9
+    assert inner / total > (0.7 if name.startswith("tiny") else 0.9)
 
 
 @pytest.mark.parametrize("name", ["tiny-32-64", "tiny-64-128"])

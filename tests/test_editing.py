@@ -63,12 +63,14 @@ def test_inpainting_rejects_bad_masks(pipe64, trained):
 
 
 def test_sdedit_strength_controls_departure(pipe64, trained):
-    image = image_pyramid(trained["images"][2:3], [64])[0][0]
-    weak = pipe64.edit(image, P, strength=0.2, steps=20, seed=0)[-1]
-    strong = pipe64.edit(image, P, strength=0.9, steps=20, seed=0)[-1]
+    images = image_pyramid(trained["images"], [64])[0]
+    image = images[2]
+    weak = pipe64.edit(image, trained["captions"][2], strength=0.2, steps=20, seed=0)[-1]
+    strong = pipe64.edit(image, trained["captions"][2], strength=0.9, steps=20, seed=0)[-1]
     d_weak = (weak[0] - image).abs().mean()
     d_strong = (strong[0] - image).abs().mean()
     assert d_weak < d_strong
-    assert d_weak < 0.15
+    # A light edit stays nearer its input than any other training image is.
+    assert d_weak < min((images[i] - image).abs().mean() for i in (0, 1, 3))
     with pytest.raises(ValueError, match="strength must be in"):
         pipe64.edit(image, P, strength=0.0)
