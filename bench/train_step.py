@@ -108,19 +108,25 @@ def bench_mdm(cfg, batch: Batch, args, variant: str) -> dict:
 
 
 def bench_reference(cfg, batch: Batch, args, variant: str) -> dict:
+    """The reference NestedUNet's training step: ``tf32`` as it trains (fp32 weights and
+    activations, TF32 matmuls), or ``bf16`` under the same autocast as mdm."""
     sys.path.insert(0, args.reference)
     import ref_mdm  # type: ignore  # noqa: PLC0415 - uncommitted local adapter
 
     device = args.device
     torch.manual_seed(0)
-    model = ref_mdm.build_reference_model(args.reference_config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    t = torch.rand(batch.images[0].shape[0], device=device)
+    model, _ = ref_mdm.build_reference_model(args.reference_config)
+    model = model.to(device)
+    opt = ref_mdm.make_optimizer(model, args.reference_config)
+    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=variant == "bf16")
+    b = batch.images[0].shape[0]
+    t = torch.randint(0, 1000, (b,), device=device, generator=torch.Generator(device=device).manual_seed(0))
+    mask = batch.cond.text_mask.float()
+    tokens = batch.cond.text_tokens * mask[..., None]
 
     def one():
         with amp:
-            loss = ref_mdm.forward_loss(model, batch.images[-1], batch.cond.text_tokens, batch.cond.text_mask, t)
+            loss = ref_mdm.forward_loss(model, batch.images[-1], tokens, mask, t)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
         opt.step()
@@ -129,7 +135,7 @@ def bench_reference(cfg, batch: Batch, args, variant: str) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = timed(one, args.steps, args.warmup, device)
-    out = _summary(f"reference:{variant}", times, batch.images[0].shape[0], device)
+    out = _summary(f"reference:{variant}", times, b, device)
     out["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     return out
 
@@ -171,7 +177,8 @@ def main() -> None:
     )
     p.add_argument("--reference", default=None, help="folder with the uncommitted reference adapter ref_mdm.py")
     p.add_argument("--reference_config", default="cc12m_256", help="reference config name for the adapter")
-    p.add_argument("--reference_variants", default="eager", help="comma list: eager")
+    p.add_argument("--reference_variants", default="tf32,bf16",
+                   help="comma list: tf32 (as the reference trains), bf16 (same autocast as mdm)")
     p.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device (default cuda if present)"
     )
