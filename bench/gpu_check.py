@@ -64,13 +64,19 @@ def main() -> None:
     bf_out, bf_g = run(model_cl, "bf16")
     compiled = torch.compile(model_cl)
     c_out, c_g = run(compiled, "bf16")
+    # bf16 through ~100 layers lands near 1e-2 against fp32 (each op 1e-3..1e-2); compile
+    # must add nothing on top: compiled and eager bf16 are compared with each other as well.
     ok = True
-    for name, outs, g in (("bf16 eager", bf_out, bf_g), ("bf16 compiled", c_out, c_g)):
-        errs = [rel(a, b) for a, b in zip(outs, ref_out)]
-        ge = rel(g, ref_g)
+    for name, outs, g, ref_o, ref_gr, tol in (
+        ("bf16 eager vs fp32", bf_out, bf_g, ref_out, ref_g, 5e-2),
+        ("bf16 compiled vs fp32", c_out, c_g, ref_out, ref_g, 5e-2),
+        ("compiled vs eager bf16", c_out, c_g, bf_out, bf_g, 5e-2),
+    ):
+        errs = [rel(a, b) for a, b in zip(outs, ref_o)]
+        ge = rel(g, ref_gr)
         finite = all(torch.isfinite(o).all() for o in outs) and bool(torch.isfinite(g).all())
-        print(f"{name:14s} output rel err per resolution {[f'{e:.2e}' for e in errs]}, grad rel err {ge:.2e}, finite {finite}")
-        ok &= finite and max(errs) < 2e-2 and ge < 5e-2
+        print(f"{name:24s} output rel err per resolution {[f'{e:.2e}' for e in errs]}, grad rel err {ge:.2e}, finite {finite}")
+        ok &= finite and max(errs) < tol and ge < tol
     print("CHECK", "PASS" if ok else "FAIL")
 
 

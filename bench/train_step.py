@@ -74,7 +74,7 @@ def bench_mdm(cfg, batch: Batch, args, variant: str) -> dict:
     device = args.device
     torch.manual_seed(0)
     model = MDMModel(cfg.model).to(device)
-    channels_last = "cl" in variant or "compiled" in variant
+    channels_last = variant in ("cl", "compiled")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         batch = Batch([x.contiguous(memory_format=torch.channels_last) for x in batch.images], batch.cond)
