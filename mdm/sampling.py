@@ -125,8 +125,30 @@ def _alpha_sigma(denoiser: Denoiser, t: torch.Tensor, i: int) -> tuple[torch.Ten
     return a.reshape(()), s.reshape(())
 
 
-def _steps(ts: torch.Tensor, disable: bool, desc: str):
-    return tqdm(range(len(ts) - 1), desc=desc, disable=disable, leave=False)
+Update = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _integrate(
+    denoiser: Denoiser,
+    zs: Latents,
+    ts: torch.Tensor,
+    update: Update,
+    callback: Callable[[dict], None] | None,
+    disable: bool,
+    project: Callable[[Latents, torch.Tensor], Latents] | None,
+    desc: str,
+) -> Latents:
+    """The loop every sampler shares: denoise, ``update(step, i, t, s, z, x0, eps)`` each
+    resolution i from t to s, re-impose constraints, report progress."""
+    zs = [z.float() for z in zs]
+    for step in tqdm(range(len(ts) - 1), desc=desc, disable=disable, leave=False):
+        t, s = ts[step], ts[step + 1]
+        x0s, epss = denoiser(zs, t)
+        new = [update(step, i, t, s, z, x0, eps) for i, (z, x0, eps) in enumerate(zip(zs, x0s, epss))]
+        zs = project(new, s) if project is not None else new
+        if callback is not None:
+            callback({"i": step, "t": float(t), "zs": zs, "x0": x0s})
+    return zs
 
 
 @torch.no_grad()
@@ -148,24 +170,15 @@ def sample_ddim(
     """
     if eta > 0 and noise is None:
         raise ValueError("stochastic sampling (eta > 0) needs a noise source")
-    zs = [z.float() for z in zs]
-    for step in _steps(ts, disable, "ddim" if eta == 0 else f"ddim(eta={eta})"):
-        t, s = ts[step], ts[step + 1]
-        x0s, epss = denoiser(zs, t)
-        new = []
-        for i, (x0, eps) in enumerate(zip(x0s, epss)):
-            a_t, s_t = _alpha_sigma(denoiser, t, i)
-            a_s, s_s = _alpha_sigma(denoiser, s, i)
-            c = eta * (s_s / s_t) * (1 - (a_t / a_s) ** 2).clamp_min(0).sqrt() if eta > 0 else torch.zeros(())
-            z = a_s * x0 + (s_s**2 - c**2).clamp_min(0).sqrt() * eps
-            if eta > 0 and s > 0:
-                assert noise is not None
-                z = z + c * noise(z)
-            new.append(z)
-        zs = project(new, s) if project is not None else new
-        if callback is not None:
-            callback({"i": step, "t": float(t), "zs": zs, "x0": x0s})
-    return zs
+
+    def update(step, i, t, s, z, x0, eps):
+        a_t, s_t = _alpha_sigma(denoiser, t, i)
+        a_s, s_s = _alpha_sigma(denoiser, s, i)
+        c = eta * (s_s / s_t) * (1 - (a_t / a_s) ** 2).clamp_min(0).sqrt() if eta > 0 else torch.zeros(())
+        out = a_s * x0 + (s_s**2 - c**2).clamp_min(0).sqrt() * eps
+        return out + c * noise(out) if eta > 0 and s > 0 else out
+
+    return _integrate(denoiser, zs, ts, update, callback, disable, project, "ddim" if eta == 0 else f"ddim(eta={eta})")
 
 
 @torch.no_grad()
@@ -186,23 +199,16 @@ def sample_ddpm(
     """
     if noise is None:
         raise ValueError("DDPM sampling needs a noise source")
-    zs = [z.float() for z in zs]
-    for step in _steps(ts, disable, "ddpm"):
-        t, s = ts[step], ts[step + 1]
-        x0s, _ = denoiser(zs, t)
-        new = []
-        for i, (z, x0) in enumerate(zip(zs, x0s)):
-            a_t, s_t = _alpha_sigma(denoiser, t, i)
-            a_s, s_s = _alpha_sigma(denoiser, s, i)
-            a_ts = a_t / a_s
-            var_ts = (s_t**2 - a_ts**2 * s_s**2).clamp_min(0)
-            mean = (a_ts * s_s**2 / s_t**2) * z + (a_s * var_ts / s_t**2) * x0
-            z = mean + (var_ts * s_s**2 / s_t**2).sqrt() * noise(z) if s > 0 else mean
-            new.append(z)
-        zs = project(new, s) if project is not None else new
-        if callback is not None:
-            callback({"i": step, "t": float(t), "zs": zs, "x0": x0s})
-    return zs
+
+    def update(step, i, t, s, z, x0, eps):
+        a_t, s_t = _alpha_sigma(denoiser, t, i)
+        a_s, s_s = _alpha_sigma(denoiser, s, i)
+        a_ts = a_t / a_s
+        var_ts = (s_t**2 - a_ts**2 * s_s**2).clamp_min(0)
+        mean = (a_ts * s_s**2 / s_t**2) * z + (a_s * var_ts / s_t**2) * x0
+        return mean + (var_ts * s_s**2 / s_t**2).sqrt() * noise(z) if s > 0 else mean
+
+    return _integrate(denoiser, zs, ts, update, callback, disable, project, "ddpm")
 
 
 @torch.no_grad()
@@ -223,31 +229,24 @@ def sample_dpmpp_2m(
     where the log-SNR jumps to its maximum and r is tiny, is taken at first order (as
     DPM-Solver's ``lower_order_final``) to avoid amplifying the extrapolation.
     """
-    zs = [z.float() for z in zs]
-    prev_x0: Latents | None = None
-    prev_h: list[torch.Tensor] = []
-    for step in _steps(ts, disable, "dpm++2m"):
-        t, s = ts[step], ts[step + 1]
-        x0s, _ = denoiser(zs, t)
-        new, hs = [], []
-        for i, (z, x0) in enumerate(zip(zs, x0s)):
-            a_t, s_t = _alpha_sigma(denoiser, t, i)
-            a_s, s_s = _alpha_sigma(denoiser, s, i)
-            lam_t = denoiser.schedule.logsnr(t.reshape(1), i).reshape(()) / 2
-            lam_s = denoiser.schedule.logsnr(s.reshape(1), i).reshape(()) / 2
-            h = lam_s - lam_t
-            if prev_x0 is None or step == len(ts) - 2:
-                d = x0  # first order at the first and the final step
-            else:
-                r = prev_h[i] / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0[i]
-            new.append((s_s / s_t) * z - a_s * torch.expm1(-h) * d)
-            hs.append(h)
-        prev_x0, prev_h = x0s, hs
-        zs = project(new, s) if project is not None else new
-        if callback is not None:
-            callback({"i": step, "t": float(t), "zs": zs, "x0": x0s})
-    return zs
+    history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # resolution -> (x0, h) of the last step
+
+    def update(step, i, t, s, z, x0, eps):
+        _, s_t = _alpha_sigma(denoiser, t, i)
+        a_s, s_s = _alpha_sigma(denoiser, s, i)
+        lam_t = denoiser.schedule.logsnr(t.reshape(1), i).reshape(()) / 2
+        lam_s = denoiser.schedule.logsnr(s.reshape(1), i).reshape(()) / 2
+        h = lam_s - lam_t
+        if i not in history or step == len(ts) - 2:
+            d = x0  # first order at the first and the final step
+        else:
+            prev_x0, prev_h = history[i]
+            r = prev_h / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+        history[i] = (x0, h)
+        return (s_s / s_t) * z - a_s * torch.expm1(-h) * d
+
+    return _integrate(denoiser, zs, ts, update, callback, disable, project, "dpm++2m")
 
 
 SAMPLERS: dict[str, Callable[..., Latents]] = {
