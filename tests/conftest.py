@@ -42,41 +42,21 @@ def train_tiny_chain(root, images, captions, text_encoder):
     idx = [4, 9, 11, 12]  # fox face, penguin, red apple, rocket
     imgs, caps = images[idx], [captions[i] for i in idx]
     torch.manual_seed(0)
+    null = null_condition(get_config("tiny-32").model.conditioning, 1, text_encoder)
 
-    cfg32 = get_config("tiny-32")
+    def train(model, cfg, steps, ema_decay, warmup):
+        ema = EMA(model, ema_decay)
+        data = InMemoryImageSet(imgs, cfg, caps, encoder=text_encoder)
+        train_cfg = TrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=warmup)
+        hist = train_local(model, cfg, data.batches(8), train_cfg, null=null, ema=ema, log_every=5, progress=False)
+        ema.copy_to(model)
+        save_pretrained(model, cfg, root / cfg.name)
+        return hist
+
+    cfg32, cfg64 = get_config("tiny-32"), get_config("tiny-32-64")
     m32 = MDMModel(cfg32.model)
-    null = null_condition(cfg32.model.conditioning, 1, text_encoder)
-    ema = EMA(m32, 0.95)
-    data32 = InMemoryImageSet(imgs, cfg32, caps, encoder=text_encoder)
-    hist32 = train_local(
-        m32,
-        cfg32,
-        data32.batches(8),
-        TrainConfig(steps=150, batch_size=8, lr=3e-3, warmup_steps=10),
-        null=null,
-        ema=ema,
-        log_every=5,
-        progress=False,
-    )
-    ema.copy_to(m32)
-    save_pretrained(m32, cfg32, root / "tiny-32")
-
-    cfg64 = get_config("tiny-32-64")
-    m64 = grow(m32, cfg32, cfg64)
-    ema = EMA(m64, 0.9)
-    data64 = InMemoryImageSet(imgs, cfg64, caps, encoder=text_encoder)
-    hist64 = train_local(
-        m64,
-        cfg64,
-        data64.batches(8),
-        TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup_steps=5),
-        null=null,
-        ema=ema,
-        log_every=5,
-        progress=False,
-    )
-    ema.copy_to(m64)
-    save_pretrained(m64, cfg64, root / "tiny-32-64")
+    hist32 = train(m32, cfg32, 150, 0.95, 10)
+    hist64 = train(grow(m32, cfg32, cfg64), cfg64, 60, 0.9, 5)
     return {
         "root": root,
         "stage32": root / "tiny-32",
