@@ -8,7 +8,7 @@ OUT ?= outputs/demo
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint emoji-packages clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check mdm tests
+
+## Install the four emoji npm packages (the real raw image set) into .state/npm (needs npm).
+emoji-packages: setup
+	$(PY) -c "from pipelines.emoji import install_packages; install_packages('.state/npm')"
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -75,7 +75,9 @@ def main() -> None:
         errs = [rel(a, b) for a, b in zip(outs, ref_o)]
         ge = rel(g, ref_gr)
         finite = all(torch.isfinite(o).all() for o in outs) and bool(torch.isfinite(g).all())
-        print(f"{name:24s} output rel err per resolution {[f'{e:.2e}' for e in errs]}, grad rel err {ge:.2e}, finite {finite}")
+        print(
+            f"{name:24s} output rel err per resolution {[f'{e:.2e}' for e in errs]}, grad rel err {ge:.2e}, finite {finite}"
+        )
         ok &= finite and max(errs) < tol and ge < tol
     print("CHECK", "PASS" if ok else "FAIL")
 

@@ -177,8 +177,11 @@ def main() -> None:
     )
     p.add_argument("--reference", default=None, help="folder with the uncommitted reference adapter ref_mdm.py")
     p.add_argument("--reference_config", default="cc12m_256", help="reference config name for the adapter")
-    p.add_argument("--reference_variants", default="tf32,bf16",
-                   help="comma list: tf32 (as the reference trains), bf16 (same autocast as mdm)")
+    p.add_argument(
+        "--reference_variants",
+        default="tf32,bf16",
+        help="comma list: tf32 (as the reference trains), bf16 (same autocast as mdm)",
+    )
     p.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device (default cuda if present)"
     )
