@@ -30,7 +30,7 @@ __all__ = ["Source", "SourceError", "open_source", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SIDECAR_EXTENSIONS = (".txt", ".json")
-IGNORED_NAMES = ("_manifest.json", "LICENSES.md", "LICENSE", "README.md", ".DS_Store")
+IGNORED_NAMES = ("_manifest.json", "captions.json", "LICENSES.md", "LICENSE.md", "LICENSE", "README.md", ".DS_Store")
 
 
 class SourceError(RuntimeError):
@@ -80,13 +80,13 @@ def _read_folder_batch(batch: dict[str, np.ndarray], scheme: str) -> dict[str, n
     paths = [str(p) for p in batch["source"]]
     fs, _ = url_to_fs(scheme + paths[0] if scheme else paths[0])
     images, captions, labels = [], [], []
-    for path, cap_path in zip(paths, batch["caption_path"]):
+    for path, cap_path, folder_caption in zip(paths, batch["caption_path"], batch["caption"]):
         try:
             with fs.open(path, "rb") as f:
                 images.append(f.read())
         except Exception:  # noqa: BLE001 - unreadable file: decoded later as empty -> skipped
             images.append(b"")
-        caption, label = "", -1
+        caption, label = str(folder_caption or ""), -1
         cap_path = str(cap_path)
         if cap_path:
             try:
@@ -113,12 +113,24 @@ def _read_folder_batch(batch: dict[str, np.ndarray], scheme: str) -> dict[str, n
 def folder_source(uri: str, limit: int | None = None) -> Source:
     import ray.data
 
-    _, files = _list_files(uri)
+    fs, files = _list_files(uri)
     by_stem: dict[str, str] = {}
     for f in files:  # sorted, so <name>.json comes before <name>.txt and wins (it may carry a label)
         stem, ext = posixpath.splitext(f)
         if ext.lower() in SIDECAR_EXTENSIONS and posixpath.basename(f) not in IGNORED_NAMES:
             by_stem.setdefault(stem, f)
+    # A folder-level captions.json ({"images": {file: caption}} or {file: caption}) also works.
+    folder_captions: dict[str, str] = {}
+    for f in files:
+        if posixpath.basename(f) == "captions.json":
+            try:
+                with fs.open(f, "rb") as fh:
+                    data = json.load(fh)
+                mapping = data.get("images", data) if isinstance(data, dict) else {}
+                d = posixpath.dirname(f)
+                folder_captions.update({posixpath.join(d, k): str(v) for k, v in mapping.items() if isinstance(v, str)})
+            except Exception:  # noqa: BLE001 - a broken captions.json leaves the images uncaptioned
+                pass
     items, skipped = [], {}
     for f in files:
         base = posixpath.basename(f)
@@ -128,7 +140,7 @@ def folder_source(uri: str, limit: int | None = None) -> Source:
         if ext.lower() not in IMAGE_EXTENSIONS:
             skipped["not_an_image"] = skipped.get("not_an_image", 0) + 1
             continue
-        items.append({"source": f, "caption_path": by_stem.get(stem, "")})
+        items.append({"source": f, "caption_path": by_stem.get(stem, ""), "caption": folder_captions.get(f, "")})
     if limit is not None:
         items = items[:limit]
     if not items:

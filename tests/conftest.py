@@ -17,6 +17,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray 2.60's `ray start --head` enables token authentication; clients (this process and
+# `ray job submit`) need this set before Ray is first imported.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -137,14 +140,56 @@ def s3_server():
     proc.wait(10)
 
 
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 @pytest.fixture(scope="session")
-def ray_session(s3_server):
-    """One local Ray for the whole test session (starting Ray costs seconds on 2 cores)."""
+def ray_cluster(s3_server, tmp_path_factory):
+    """One real local Ray cluster for the whole session, started as operators start it
+    (``ray start --head``, token authentication on): tests drive it from this process and
+    submit jobs to its dashboard. The S3 variables are set first, so its workers inherit
+    them. Yields the GCS and the job-submission (dashboard) addresses."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    import ray.data
+    gcs_port, dash_port = _free_port(), _free_port()
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "ray"),
+        "start",
+        "--head",
+        "--num-cpus",
+        "2",
+        "--port",
+        str(gcs_port),
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash_port),
+        "--include-dashboard",
+        "true",
+        "--disable-usage-stats",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=180)
+    try:
+        ray.init(address=f"127.0.0.1:{gcs_port}", log_to_driver=False)
+        import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield {"gcs": f"127.0.0.1:{gcs_port}", "dashboard": f"http://127.0.0.1:{dash_port}"}
+    finally:
+        ray.shutdown()
+        subprocess.run([cmd[0], "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    """This process connected to the session's Ray cluster."""
+    import ray
+
+    return ray

@@ -238,3 +238,44 @@ def test_preprocess_job_cli(ray_session, mixed, tmp_path):
     assert read_manifest(str(tmp_path / "o"))["rows"] == expected["rows"]
     assert job.main(["--source", str(root), "--out", str(tmp_path / "o"), "--resolutions", "48,64"]) == 2
     assert job.main(["--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_preprocess_as_a_submitted_ray_job(ray_cluster, mixed, tmp_path):
+    """`ray job submit --working-dir . -- python jobs/preprocess.py ...` against a real head."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, expected = mixed
+    repo = Path(__file__).resolve().parents[1]
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    submit = [ray_cli, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(repo), "--"]
+    out = tmp_path / "job_shards"
+    proc = subprocess.run(
+        submit
+        + [
+            "python",
+            "jobs/preprocess.py",
+            "--source",
+            root.as_uri(),
+            "--out",
+            str(out),
+            "--resolutions",
+            "32,64",
+            "--no_progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"wrote {expected['rows']} in" in proc.stdout
+    assert read_manifest(str(out))["rows"] == expected["rows"]
+    bad = subprocess.run(
+        submit + ["python", "jobs/preprocess.py", "--source", str(tmp_path / "missing"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode != 0
+    assert "does not exist" in bad.stdout + bad.stderr
