@@ -74,9 +74,9 @@ def bench_mdm(cfg, batch: Batch, args, variant: str) -> dict:
     device = args.device
     torch.manual_seed(0)
     model = MDMModel(cfg.model).to(device)
-    channels_last = variant in ("cl", "compiled")
-    if channels_last:
+    if variant in ("cl", "compiled"):
         model = model.to(memory_format=torch.channels_last)
+    if variant in ("cl", "compiled", "compiled_incl"):
         batch = Batch([x.contiguous(memory_format=torch.channels_last) for x in batch.images], batch.cond)
     train = TrainConfig(lr=1e-4)
     opt = make_optimizer(model, train)
