@@ -21,13 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_step import make_batch  # noqa: E402
+from train_step import BenchStep, make_batch  # noqa: E402
 
-from mdm import MDMModel, get_config  # noqa: E402
+from mdm import get_config  # noqa: E402
 from mdm.config import apply_overrides  # noqa: E402
-from mdm.training import Batch, TrainConfig, TrainStep, make_optimizer  # noqa: E402
-from mdm.unet import Condition  # noqa: E402
-from mdm.weights import EMA  # noqa: E402
 
 
 def kind_of(name: str) -> str:
@@ -74,29 +71,12 @@ def main() -> None:
             "model.conditioning.context_dim=2048",
         ],
     )
-    batch = make_batch(cfg, args.batch, "cuda")
-    model = MDMModel(cfg.model).cuda().to(memory_format=torch.channels_last)
-    batch = Batch([x.contiguous(memory_format=torch.channels_last) for x in batch.images], batch.cond)
-    opt = make_optimizer(model, TrainConfig(lr=1e-4))
-    ema = EMA(model, 0.9999)
-    null = Condition(batch.cond.text_tokens[:1] * 0, batch.cond.text_mask[:1], None, None)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def step(fwd):
-        s = TrainStep(fwd, cfg, null)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = s.loss(batch, gen)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model)
-
-    step(model)  # warm-up (cuDNN autotuning, allocator)
+    step = BenchStep(cfg, make_batch(cfg, args.batch, "cuda"), "cuda", cl_weights=True, cl_inputs=True)
+    step()  # warm-up (cuDNN autotuning, allocator)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step(model)
+        step()
         print("SYNC CHECK PASS: no host synchronisation in an eager training step")
     except RuntimeError as e:
         print(f"SYNC CHECK FAIL: {e}")
@@ -104,15 +84,14 @@ def main() -> None:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
 
-    compiled = torch.compile(model)
     for _ in range(4):
-        step(compiled)
+        step(compiled=True)
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
-            step(compiled)
+            step(compiled=True)
         torch.cuda.synchronize()
     totals: dict[str, float] = defaultdict(float)
     grand = 0.0

@@ -70,40 +70,60 @@ def timed(fn, steps: int, warmup: int, device: str) -> list[float]:
     return times
 
 
+class BenchStep:
+    """One mdm training step on a fixed batch: loss, backward, clip (2.0), fused AdamW, EMA.
+
+    ``step()`` runs it eagerly, ``step(compiled=True)`` through ``torch.compile`` of the same
+    model, optimizer and EMA (compiled on first use).
+    """
+
+    def __init__(self, cfg, batch: Batch, device: str, cl_weights: bool, cl_inputs: bool, bf16: bool = True):
+        torch.manual_seed(0)
+        self.cfg = cfg
+        self.model = MDMModel(cfg.model).to(device)
+        if cl_weights:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if cl_inputs:
+            batch = Batch([x.contiguous(memory_format=torch.channels_last) for x in batch.images], batch.cond)
+        self.batch = batch
+        self.opt = make_optimizer(self.model, TrainConfig(lr=1e-4))
+        self.ema = EMA(self.model, 0.9999)
+        self.null = Condition(batch.cond.text_tokens[:1] * 0, batch.cond.text_mask[:1], None, None)
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+        self.steps = {False: TrainStep(self.model, cfg, self.null)}
+
+    def __call__(self, compiled: bool = False) -> None:
+        if compiled not in self.steps:
+            self.steps[compiled] = TrainStep(torch.compile(self.model), self.cfg, self.null)
+        with self.amp:
+            loss, _ = self.steps[compiled].loss(self.batch, self.gen)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 2.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+
+
 def bench_mdm(cfg, batch: Batch, args, variant: str) -> dict:
     device = args.device
-    torch.manual_seed(0)
-    model = MDMModel(cfg.model).to(device)
-    if variant in ("cl", "compiled"):
-        model = model.to(memory_format=torch.channels_last)
-    if variant in ("cl", "compiled", "compiled_incl"):
-        batch = Batch([x.contiguous(memory_format=torch.channels_last) for x in batch.images], batch.cond)
-    train = TrainConfig(lr=1e-4)
-    opt = make_optimizer(model, train)
-    ema = EMA(model, 0.9999)
-    fwd_model = torch.compile(model) if "compiled" in variant else model
-    null = Condition(batch.cond.text_tokens[:1] * 0, batch.cond.text_mask[:1], None, None)
-    step = TrainStep(fwd_model, cfg, null)
-    gen = torch.Generator(device=device).manual_seed(0)
-    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-
-    def one():
-        with amp:
-            loss, _ = step.loss(batch, gen)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model)
-
+    step = BenchStep(
+        cfg,
+        batch,
+        device,
+        cl_weights=variant in ("cl", "compiled"),
+        cl_inputs=variant in ("cl", "compiled", "compiled_incl"),
+        bf16=args.dtype == "bf16",
+    )
+    compiled = "compiled" in variant
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    times = timed(one, args.steps, args.warmup, device)
+    times = timed(lambda: step(compiled), args.steps, args.warmup, device)
     total = time.perf_counter() - t0
     out = _summary(f"mdm:{variant}", times, batch.images[0].shape[0], device)
     out["wall_incl_warmup_s"] = round(total, 1)
-    out["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    out["params_M"] = round(sum(p.numel() for p in step.model.parameters()) / 1e6, 2)
     return out
 
 
