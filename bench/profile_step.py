@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_step import BenchStep, make_batch  # noqa: E402
+from train_step import REFERENCE_TEXT, BenchStep, make_batch  # noqa: E402
 
 from mdm import get_config  # noqa: E402
 from mdm.config import apply_overrides  # noqa: E402
@@ -63,14 +63,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-    cfg = apply_overrides(
-        get_config(args.config),
-        [
-            "model.conditioning.text_dim=2048",
-            "model.conditioning.max_text_tokens=128",
-            "model.conditioning.context_dim=2048",
-        ],
-    )
+    cfg = apply_overrides(get_config(args.config), REFERENCE_TEXT)
     step = BenchStep(cfg, make_batch(cfg, args.batch, "cuda"), "cuda", cl_weights=True, cl_inputs=True)
     step()  # warm-up (cuDNN autotuning, allocator)
     torch.cuda.synchronize()

@@ -32,6 +32,13 @@ from mdm.training import Batch, TrainConfig, TrainStep, make_optimizer  # noqa: 
 from mdm.unet import Condition  # noqa: E402
 from mdm.weights import EMA  # noqa: E402
 
+# The reference's text input: 128 tokens of flan-t5-xl's 2048-d features, projected to 2048.
+REFERENCE_TEXT = [
+    "model.conditioning.text_dim=2048",
+    "model.conditioning.max_text_tokens=128",
+    "model.conditioning.context_dim=2048",
+]
+
 
 def make_batch(cfg, batch: int, device: str, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
@@ -214,11 +221,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     overrides = list(args.set)
     if args.reference_text and not args.config.startswith("tiny"):
-        overrides += [
-            "model.conditioning.text_dim=2048",
-            "model.conditioning.max_text_tokens=128",
-            "model.conditioning.context_dim=2048",
-        ]
+        overrides += REFERENCE_TEXT
     cfg = apply_overrides(get_config(args.config), overrides) if overrides else get_config(args.config)
     batch = make_batch(cfg, args.batch, args.device)
     info = {
