@@ -10,7 +10,12 @@ import os
 
 import fsspec
 
-__all__ = ["url_to_fs", "is_remote"]
+__all__ = ["url_to_fs", "is_remote", "s3_endpoint"]
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (None: AWS itself)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 def is_remote(uri: str) -> bool:
@@ -25,7 +30,7 @@ def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         except ImportError as e:
             raise RuntimeError("s3:// URIs need s3fs (pip install 'mdm[ray]' or pip install s3fs)") from e
         kwargs = {}
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = s3_endpoint()
         if endpoint:
             kwargs["client_kwargs"] = {"endpoint_url": endpoint}
         fs = s3fs.S3FileSystem(**kwargs)

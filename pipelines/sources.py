@@ -110,10 +110,11 @@ def _read_folder_batch(batch: dict[str, np.ndarray], scheme: str) -> dict[str, n
     }
 
 
-def folder_source(uri: str, limit: int | None = None) -> Source:
+def folder_source(uri: str, limit: int | None = None, listing: tuple[Any, list[str]] | None = None) -> Source:
+    """``listing``: the (filesystem, files) of ``uri`` when the caller already listed it."""
     import ray.data
 
-    fs, files = _list_files(uri)
+    fs, files = listing or _list_files(uri)
     by_stem: dict[str, str] = {}
     for f in files:  # sorted, so <name>.json comes before <name>.txt and wins (it may carry a label)
         stem, ext = posixpath.splitext(f)
@@ -238,10 +239,10 @@ def _normalise_webdataset(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     }
 
 
-def webdataset_source(uri: str, limit: int | None = None) -> Source:
+def webdataset_source(uri: str, limit: int | None = None, listing: tuple[Any, list[str]] | None = None) -> Source:
     import ray.data
 
-    _, files = _list_files(uri)
+    _, files = listing or _list_files(uri)
     tars = [f for f in files if f.endswith(".tar")]
     if not tars:
         raise SourceError(f"no .tar shards under {uri}")
@@ -255,14 +256,15 @@ def webdataset_source(uri: str, limit: int | None = None) -> Source:
 
 def open_source(uri: str, kind: str = "auto", limit: int | None = None, **kwargs) -> Source:
     """Open a raw set; ``kind`` is folder, parquet, webdataset or auto (by file extensions)."""
-    if kind == "auto":
-        _, files = _list_files(uri)
-        exts = {posixpath.splitext(f)[1].lower() for f in files}
+    listing = None
+    if kind == "auto":  # the listing is reused below: a bucket is listed once
+        listing = _list_files(uri)
+        exts = {posixpath.splitext(f)[1].lower() for f in listing[1]}
         kind = "webdataset" if ".tar" in exts else "parquet" if ".parquet" in exts else "folder"
     if kind == "folder":
-        return folder_source(uri, limit)
+        return folder_source(uri, limit, listing)
     if kind == "parquet":
         return parquet_source(uri, limit=limit, **kwargs)
     if kind == "webdataset":
-        return webdataset_source(uri, limit)
+        return webdataset_source(uri, limit, listing)
     raise SourceError(f"unknown source kind {kind!r}; use folder, parquet, webdataset or auto")

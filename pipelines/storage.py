@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from mdm.storage import url_to_fs
+from mdm.storage import s3_endpoint, url_to_fs
 
 __all__ = ["arrow_fs", "url_to_fs", "join"]
 
@@ -24,7 +24,7 @@ def join(uri: str, *parts: str) -> str:
 def arrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for ``uri``."""
     if uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = s3_endpoint()
         kwargs = {}
         if endpoint:
             parsed = urlparse(endpoint)
