@@ -175,7 +175,10 @@ def ray_cluster(s3_server, tmp_path_factory):
         "true",
         "--disable-usage-stats",
     ]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=180)
+    # Jobs run `python ...` on the cluster: put this interpreter first on the cluster's PATH,
+    # as an operator who activated the environment before `ray start` would.
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    subprocess.run(cmd, check=True, capture_output=True, timeout=180, env=env)
     try:
         ray.init(address=f"127.0.0.1:{gcs_port}", log_to_driver=False)
         import ray.data
