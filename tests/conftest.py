@@ -196,3 +196,55 @@ def ray_session(ray_cluster):
     import ray
 
     return ray
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real MLflow tracking server on loopback: SQLite for runs and the registry, artifacts
+    proxied into a bucket of the session's S3 server. Sets MLFLOW_TRACKING_URI."""
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).mkdir("mlflow")
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            "s3://mlflow/artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3_server),
+        stdout=open(root / "server.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    import urllib.request
+
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"mlflow server did not start; see {root / 'server.log'}") from None
+            time.sleep(0.5)
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+    proc.terminate()
+    proc.wait(30)
