@@ -8,13 +8,14 @@ the stage-k model predicted at every inner resolution.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import torch
 
 from .config import ConfigError, MDMConfig, to_dict
 from .unet import MDMModel
 
-__all__ = ["check_growable", "grow", "inner_state_dict"]
+__all__ = ["check_growable", "grow", "inner_state_dict", "state_fingerprint"]
 
 
 def check_growable(prev: MDMConfig, new: MDMConfig) -> None:
@@ -41,6 +42,16 @@ def inner_state_dict(model: MDMModel) -> dict[str, torch.Tensor]:
     for k, v in model.state_dict().items():
         out[k.replace("unet.", "unet.inner.", 1) if k.startswith("unet.") else k] = v
     return out
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of a state dict (order-independent)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
 
 
 def grow(prev_model: MDMModel, prev_config: MDMConfig, new_config: MDMConfig, freeze_inner: bool = False) -> MDMModel:

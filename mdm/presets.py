@@ -85,6 +85,19 @@ def _tiny_inner() -> UNetConfig:
     )
 
 
+def _tiny_inner_64() -> UNetConfig:
+    """The tiny inner net at 64 px: one more level, attention only at 16x16 (CPU-fast)."""
+    return UNetConfig(
+        channels=[16, 32, 64],
+        num_res_blocks=[1, 1, 1],
+        attention_layers=[0, 0, 1],
+        attention_ffn=True,
+        mid_block=True,
+        num_groups=8,
+        num_heads=4,
+    )
+
+
 def _tiny_shell() -> UNetConfig:
     return UNetConfig(channels=[16, 32], num_res_blocks=[1, 1], num_groups=8)
 
@@ -101,8 +114,8 @@ _PRESETS: dict[str, Callable[[], MDMConfig]] = {
     "64-256-1024": lambda: _cfg("64-256-1024", [64, 256, 1024], [_inner_64(), _shell_256_r4(), _shell_1024_r4()], 2.0),
     "tiny-32": lambda: _cfg("tiny-32", [32], [_tiny_inner()], 1.0, _tiny_text()),
     "tiny-32-64": lambda: _cfg("tiny-32-64", [32, 64], [_tiny_inner(), _tiny_shell()], 1.0, _tiny_text()),
-    "tiny-64": lambda: _cfg("tiny-64", [64], [_tiny_inner()], 1.0, _tiny_text()),
-    "tiny-64-128": lambda: _cfg("tiny-64-128", [64, 128], [_tiny_inner(), _tiny_shell()], 1.0, _tiny_text()),
+    "tiny-64": lambda: _cfg("tiny-64", [64], [_tiny_inner_64()], 1.0, _tiny_text()),
+    "tiny-64-128": lambda: _cfg("tiny-64-128", [64, 128], [_tiny_inner_64(), _tiny_shell()], 1.0, _tiny_text()),
 }
 
 
