@@ -48,7 +48,8 @@ class ZeroConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     overlap_comm: bool = True
     reduce_bucket_size: int = 50_000_000
-    channels_last: bool = True  # on GPU
+    channels_last: bool = True  # on GPU: channels-last activations (weights stay contiguous)
+    compile: bool = False  # torch.compile the model's forward (ZeRO 0-2; ZeRO-3's hooks break graphs)
 
     def validate(self) -> ZeroConfig:
         if self.stage not in (0, 1, 2, 3):
@@ -179,13 +180,22 @@ class ZeroTrainer:
         self.config, self.train, self.zero = config, train, zero
         if hasattr(model, "set_gradient_checkpointing"):
             model.set_gradient_checkpointing(train.gradient_checkpointing)
+        # Weights stay contiguous: DeepSpeed broadcasts and flattens parameters as plain
+        # buffers (NCCL refuses channels-last strides). Channels-last inputs still make the
+        # convolutions run NHWC.
         model = model.to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         opt = make_optimizer(model, train)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, train))
+        if zero.compile:
+            if zero.stage == 3:
+                raise ConfigError("deepspeed.compile: not with ZeRO-3 (its parameter hooks break the graph)")
+            model.compile()
         if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+            # plain `python` is a world of one; torchrun and Ray Train set these themselves
+            for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+                os.environ.setdefault(key, value)
+            os.environ.setdefault("MASTER_PORT", "29511")
+            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
             self.rank, self.world = _rank_world()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(train, zero, self.world)

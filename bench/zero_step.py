@@ -1,0 +1,158 @@
+"""Throughput of the per-worker DeepSpeed step (``mdm.zero.ZeroTrainer``), without Ray.
+
+    torchrun --nproc_per_node 2 bench/zero_step.py --config 64 --batch 32 --stage 2
+    python bench/zero_step.py --config 64 --batch 32 --stage 2 --plain   # + the plain step, same run
+
+Random data at the config's resolutions (the step does not depend on the pixels). Prints
+images/s (total and per GPU) and peak memory, then checks the state survives a
+save/load round trip and that the exported EMA has every tensor of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_step import BenchStep, make_batch  # noqa: E402
+
+from mdm import MDMModel, get_config  # noqa: E402
+from mdm.conditioning import null_condition  # noqa: E402
+from mdm.training import TrainConfig  # noqa: E402
+from mdm.zero import ZeroConfig, ZeroTrainer  # noqa: E402
+
+
+def repeat(batch):
+    while True:
+        yield batch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="64")
+    p.add_argument("--batch", type=int, default=32, help="per GPU")
+    p.add_argument("--stage", type=int, default=2, help="ZeRO stage")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (ZeRO 0-2)")
+    p.add_argument("--no_overlap", action="store_true", help="deepspeed.overlap_comm=false")
+    p.add_argument("--grad_clip", type=float, default=2.0, help="train.grad_clip (0 disables)")
+    p.add_argument("--sync_check", action="store_true", help="report where a step first syncs with the host")
+    p.add_argument("--plain", action="store_true", help="also time bench/train_step.py's plain step (rank 0 alone)")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    device = f"cuda:{local}" if cuda else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    cfg = get_config(args.config)
+    torch.manual_seed(0)
+    model = MDMModel(cfg.model)
+    c = cfg.model.conditioning
+    null = null_condition(c, 1) if c.kind == "class" else None
+    if c.kind == "text":  # the empty caption's encoding only matters for its shape here
+        from mdm.unet import Condition
+
+        mask = torch.zeros(1, c.max_text_tokens, dtype=torch.bool)
+        mask[:, :2] = True  # an empty caption still has its start and end tokens
+        null = Condition(torch.zeros(1, c.max_text_tokens, c.text_dim), mask)
+    train = TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch, warmup_steps=0, grad_clip=args.grad_clip)
+    trainer = ZeroTrainer(
+        model,
+        cfg,
+        train,
+        ZeroConfig(stage=args.stage, compile=args.compile, overlap_comm=not args.no_overlap),
+        null=null,
+    )
+    batch = make_batch(cfg, args.batch, device, seed=trainer.rank)  # on the device, as BenchStep's
+    if trainer.channels_last:
+        batch.images = [x.contiguous(memory_format=torch.channels_last) for x in batch.images]
+    stream = repeat(batch)
+    for _ in range(args.warmup):
+        trainer.train_step(stream)
+    if cuda and args.sync_check:
+        import traceback
+
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            trainer.train_step(stream)
+            print("SYNC none in one step", flush=True)
+        except RuntimeError:
+            frames = traceback.extract_tb(sys.exc_info()[2])[-6:]
+            print("SYNC " + " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)))
+        torch.cuda.set_sync_debug_mode(0)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    dist.barrier()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        per = trainer.train_step(stream)
+    loss = per.float().mean().item()
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    elapsed = time.perf_counter() - t
+    world = trainer.world
+    result = {
+        "config": args.config,
+        "zero_stage": args.stage,
+        "compile": args.compile,
+        "overlap_comm": not args.no_overlap,
+        "grad_clip": args.grad_clip,
+        "world": world,
+        "batch_per_gpu": args.batch,
+        "img_per_s": round(args.batch * world * args.steps / elapsed, 1),
+        "img_per_s_per_gpu": round(args.batch * args.steps / elapsed, 1),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "loss_finite": bool(torch.isfinite(torch.tensor(loss))),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
+    # state round trip: save, train on, load, and the step/EMA/optimizer come back
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "ckpt") if world == 1 else "/tmp/mdm-zero-bench-ckpt"
+        trainer.save(path)
+        saved_step, ema0 = trainer.step, [s.clone() for s in trainer.ema.shadow]
+        trainer.train_step(stream)
+        trainer.load(path)
+        result["resume_ok"] = trainer.step == saved_step and all(
+            torch.equal(a, b) for a, b in zip(ema0, trainer.ema.shadow)
+        )
+    exported = trainer.export_ema()
+    if trainer.rank == 0:
+        own = MDMModel(cfg.model).state_dict()
+        result["export_ok"] = exported.keys() == own.keys() and all(
+            exported[k].shape == v.shape for k, v in own.items()
+        )
+    if args.plain and trainer.rank == 0:
+        # the plain step of bench/train_step.py: channels-last weights and inputs, and
+        # contiguous weights with channels-last inputs (what DeepSpeed allows)
+        for key, cl_weights in (("plain_img_per_s", True), ("plain_contiguous_weights_img_per_s", False)):
+            plain = BenchStep(cfg, make_batch(cfg, args.batch, device), device, cl_weights=cl_weights, cl_inputs=True)
+            for _ in range(args.warmup):
+                plain(compiled=args.compile)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                plain(compiled=args.compile)
+            torch.cuda.synchronize()
+            result[key] = round(args.batch * args.steps / (time.perf_counter() - t), 1)
+            del plain
+    if trainer.rank == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
