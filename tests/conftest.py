@@ -8,10 +8,14 @@ has learned something (samplers, guidance, editing, CLI) share it.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -178,7 +182,28 @@ def ray_cluster(s3_server, tmp_path_factory):
     # Jobs run `python ...` on the cluster: put this interpreter first on the cluster's PATH,
     # as an operator who activated the environment before `ray start` would.
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    subprocess.run(cmd, check=True, capture_output=True, timeout=180, env=env)
+    # `--block` keeps this cluster's processes under one process group that the teardown
+    # stops, leaving any other Ray on the machine (a running `make demo` stack) alone.
+    log = tmp_path_factory.mktemp("ray-head") / "ray.log"
+    head = subprocess.Popen(
+        cmd + ["--block", "--temp-dir", os.path.join(tempfile.gettempdir(), f"ray-test-{gcs_port}")],
+        env=env,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # 401 without the token: the dashboard is up
+            break
+        except OSError:
+            if head.poll() is not None or time.time() > deadline:
+                head.kill()
+                raise RuntimeError(f"the test Ray head did not start; see {log}") from None
+            time.sleep(0.5)
     try:
         ray.init(address=f"127.0.0.1:{gcs_port}", log_to_driver=False)
         import ray.data
@@ -187,7 +212,12 @@ def ray_cluster(s3_server, tmp_path_factory):
         yield {"gcs": f"127.0.0.1:{gcs_port}", "dashboard": f"http://127.0.0.1:{dash_port}"}
     finally:
         ray.shutdown()
-        subprocess.run([cmd[0], "stop", "--force"], capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(30)
 
 
 @pytest.fixture(scope="session")
@@ -228,7 +258,6 @@ def mlflow_server(s3_server, tmp_path_factory):
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
-    import urllib.request
 
     while True:
         try:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +23,8 @@ import torch
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
-SHARDS = "s3://shards/emoji-64-128"
-RUNS = "s3://runs/ci"
+SHARDS = "s3://jobs-shards/emoji-64-128"
+RUNS = "s3://jobs-runs/ci"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def stack(ray_session, ray_cluster, mlflow_server, s3_server):
     from pipelines.sources import open_source
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
-    for bucket in ("shards", "runs"):
+    for bucket in ("jobs-shards", "jobs-runs"):
         if not fs.exists(bucket):
             fs.mkdir(bucket)
     src = open_source(str(REPO / "mdm" / "assets" / "emoji"))
@@ -135,13 +136,20 @@ def test_stage_64_survives_a_killed_worker_then_registers(stack):
     ]  # fmt: skip
     job_id, proc = submit(stack, "stage_64.py", args, wait=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    wait_for_log(client, job_id, "checkpoint saved at step 4")
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    # Kill once the step-8 checkpoint is written: by then Ray Train's controller has
+    # registered the one of step 4 (a report is registered asynchronously).
+    wait_for_log(client, job_id, "checkpoint saved at step 8")
+    workers = list_actors(
+        address=stack["dashboard"], filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    )
     assert len(workers) == 2, workers
-    os.kill(workers[-1]["pid"], signal.SIGKILL)
+    victim = workers[-1]["pid"]
+    os.kill(victim, signal.SIGKILL)
 
     status, logs = wait_for_end(client, job_id)
+    Path(tempfile.gettempdir(), "mdm-ci-64-job.log").write_text(logs)  # for a post-mortem
     assert status == JobStatus.SUCCEEDED, logs[-5000:]
+    assert f"pid={victim})" in logs, "the killed process was one of this run's workers"
     resumed = [
         int(line.rsplit(" ", 1)[1]) for line in logs.splitlines() if "resumed from the checkpoint of step" in line
     ]

@@ -142,20 +142,29 @@ def main(argv: list[str] | None = None) -> int:
         "mlflow.sample_steps": 10 if args.quick else 25,
         "deepspeed.stage": 2,
     }
+
+    def stage(resolution: int, model: str, steps: int, batch: int, lr: float, ema: float, warmup: int) -> None:
+        values = dict(
+            common,
+            **{
+                "model": model,
+                "train.steps": steps,
+                "train.batch_size": batch,
+                "train.lr": lr,
+                "train.warmup_steps": min(warmup, steps // 4),
+                "train.ema_decay": ema,
+                "run.checkpoint_every": max(2, steps // 2),
+                "run.log_every": max(1, steps // 20),
+                "mlflow.sample_every": max(2, steps // 2),
+                "run.name": f"demo-{resolution}-{tag}",
+            },
+        )
+        submit(env, dash, ["python", f"jobs/stage_{resolution}.py", *sets(values)])
+
     banner(4, n, "stage 64 (Ray Train + DeepSpeed ZeRO-2, 2 workers) -> models:/mdm@stage-64")
-    s64 = dict(common, **{"model": "tiny-64", "train.steps": args.steps_64, "train.batch_size": 8,
-                          "train.lr": 2e-3, "train.warmup_steps": min(50, args.steps_64 // 4),
-                          "train.ema_decay": 0.99, "run.checkpoint_every": max(2, args.steps_64 // 2),
-                          "run.log_every": max(1, args.steps_64 // 20),
-                          "mlflow.sample_every": max(2, args.steps_64 // 2), "run.name": f"demo-64-{tag}"})  # fmt: skip
-    submit(env, dash, ["python", "jobs/stage_64.py", *sets(s64)])
+    stage(64, "tiny-64", args.steps_64, batch=8, lr=2e-3, ema=0.99, warmup=50)
     banner(4, n, "stage 128, grown from stage 64 -> models:/mdm@stage-128")
-    s128 = dict(common, **{"model": "tiny-64-128", "train.steps": args.steps_128, "train.batch_size": 4,
-                           "train.lr": 1e-3, "train.warmup_steps": min(20, args.steps_128 // 4),
-                           "train.ema_decay": 0.98, "run.checkpoint_every": max(2, args.steps_128 // 2),
-                           "run.log_every": max(1, args.steps_128 // 20),
-                           "mlflow.sample_every": max(2, args.steps_128 // 2), "run.name": f"demo-128-{tag}"})  # fmt: skip
-    submit(env, dash, ["python", "jobs/stage_128.py", *sets(s128)])
+    stage(128, "tiny-64-128", args.steps_128, batch=4, lr=1e-3, ema=0.98, warmup=20)
 
     banner(5, n, "Ray Serve: the sampler of models:/mdm@stage-128 over HTTP")
     serve_port = info["ports"]["serve"]
