@@ -259,7 +259,7 @@ class MDMPipeline:
                 zs = [noise(x) for x in known]
             else:
                 zs = self.diffusion.q_sample(init, t0, [noise(x) for x in init])
-            zs = project(zs, torch.tensor(t_start, dtype=torch.float64))
+            zs = project(zs, torch.tensor(t_start, dtype=torch.float64, device=self.device))
             ts = time_grid(max(1, int(-(-steps * t_start // 1))), t_start, self.device)
             out = self._run(den, zs, ts, noise, sampler, eta, progress, callback, project)
             return [m * z + (1 - m) * k for z, m, k in zip(out, masks, known)]
