@@ -92,6 +92,7 @@ def closed_loop(url: str, clients: int, requests_each: int, body: dict, offset: 
         "wall_s": wall,
         "latency_s": stats([r[0] for r in results]),
         "mean_batch_images": statistics.fmean(r[1] for r in results),
+        "median_sampler_call_s": statistics.median(r[2] for r in results),
     }
 
 
@@ -166,25 +167,40 @@ def main() -> None:
             served.append(time.perf_counter() - t0)
             replica_sampler.append(float(resp.headers["X-Sampler-Seconds"]))
 
+        # Throughput rounds: direct (two one-image calls, one call of `clients` images), then the
+        # batched and the unbatched deployment under `clients` clients. Ratios are taken within
+        # a round, whose arms run back to back, so a drifting machine speed cancels out.
         n = args.clients
-        batch_call, runs = [], {"on": [], "off": []}
+        rounds = []
         for k in range(args.rounds):
             t0 = time.perf_counter()
+            for i in range(2):
+                pipe.generate(PROMPTS[i], num_samples=1, seed=k * n + i, **kw)
+            single = (time.perf_counter() - t0) / 2
+            t0 = time.perf_counter()
             pipe.generate([PROMPTS[i % 4] for i in range(n)], num_samples=n, seeds=[k * n + i for i in range(n)], **kw)
-            batch_call.append(time.perf_counter() - t0)
-            for name in ("on", "off"):
-                runs[name].append(closed_loop(urls[name], n, args.requests, body, offset=k * n * args.requests))
+            batch = time.perf_counter() - t0
+            on = closed_loop(urls["on"], n, args.requests, body, offset=k * n * args.requests)
+            off = closed_loop(urls["off"], n, args.requests, body, offset=k * n * args.requests)
+            rounds.append({"direct_one_image_s": single, "direct_batch_s": batch, "on": on, "off": off})
     finally:
         serve.shutdown()
         ray.shutdown()
         tmp.cleanup()
 
-    d1, s1, rs = statistics.median(direct), statistics.median(served), statistics.median(replica_sampler)
-    hz = statistics.median(health)
-    batch_s = statistics.median(batch_call)
-    thr = {name: statistics.median(x["img_per_s"] for x in rs_) for name, rs_ in runs.items()}
-    lat = {name: statistics.median(x["latency_s"]["median"] for x in rs_) for name, rs_ in runs.items()}
-    size = {name: statistics.fmean(x["mean_batch_images"] for x in rs_) for name, rs_ in runs.items()}
+    def med(*path: str) -> float:
+        """Median over rounds of ``round[path[0]][path[1]]...``."""
+        values = []
+        for r in rounds:
+            for key in path:
+                r = r[key]
+            values.append(r)
+        return statistics.median(values)
+
+    pairs = list(zip(direct, served))
+    overhead = statistics.median(s - d for d, s in pairs)
+    outside = statistics.median(s - r for s, r in zip(served, replica_sampler))
+    d1, s1 = statistics.median(direct), statistics.median(served)
     result = {
         "args": vars(args),
         "replica_threads": threads,
@@ -192,25 +208,34 @@ def main() -> None:
         "direct_one_image_s": stats(direct),
         "serve_one_image_s": stats(served),
         "replica_sampler_one_image_s": stats(replica_sampler),
-        "direct_batch_of_clients_s": batch_call,
-        "closed_loop": runs,
+        "rounds": rounds,
     }
     print(f"device {args.device}, {args.threads} torch threads here and in each replica {threads}; steps {args.steps}")
     print("| arm | median latency (ms) | images/s | images a sampler call |\n|---|---:|---:|---:|")
     print(f"| direct, 1 image a call | {d1 * 1e3:.1f} | {1 / d1:.2f} | 1 |")
-    print(f"| direct, {n} images in one call | {batch_s * 1e3:.1f} | {n / batch_s:.2f} | {n} |")
-    print(f"| serve, GET /healthz | {hz * 1e3:.1f} | | |")
+    print(f"| serve, GET /healthz | {statistics.median(health) * 1e3:.1f} | | |")
     print(f"| serve, 1 client | {s1 * 1e3:.1f} | {1 / s1:.2f} | 1 |")
-    for name, label in (("on", "batching on"), ("off", "batching off")):
-        print(f"| serve, {n} clients, {label} | {lat[name] * 1e3:.1f} | {thr[name]:.2f} | {size[name]:.2f} |")
     print(
-        f"\nServe's overhead per one-image request: {(s1 - d1) * 1e3:.1f} ms ({s1 / d1:.3f}x the direct call); "
-        f"of it, outside the sampler {(s1 - rs) * 1e3:.1f} ms (sampler in the replica {rs * 1e3:.1f} ms)"
+        f"| direct, {n} images in one call | {med('direct_batch_s') * 1e3:.1f} | "
+        f"{n / med('direct_batch_s'):.2f} | {n} |"
     )
+    for name, label in (("on", "batching on"), ("off", "batching off")):
+        print(
+            f"| serve, {n} clients, {label} | {med(name, 'latency_s', 'median') * 1e3:.1f} | "
+            f"{med(name, 'img_per_s'):.2f} | {med(name, 'mean_batch_images'):.2f} |"
+        )
     print(
-        f"Gain from batching with {n} clients: {thr['on'] / thr['off']:.2f}x images/s; batched serving reaches "
-        f"{thr['on'] / (n / batch_s):.2f}x of one direct call of {n} images, unbatched {thr['off'] * d1:.2f}x "
-        "of direct one-image calls"
+        f"\nServe's overhead per one-image request (median of {len(pairs)} interleaved pairs): {overhead * 1e3:.1f} ms "
+        f"({s1 / d1:.3f}x the direct call); outside the replica's sampler call: {outside * 1e3:.1f} ms"
+    )
+    gain = [r["on"]["img_per_s"] / r["off"]["img_per_s"] for r in rounds]
+    direct_gain = [r["direct_one_image_s"] * n / r["direct_batch_s"] for r in rounds]
+    reach = [r["on"]["img_per_s"] * r["direct_batch_s"] / n for r in rounds]
+    print(
+        f"Gain from batching with {n} clients (per round, on / off): "
+        f"{', '.join(f'{g:.2f}' for g in gain)} -> median {statistics.median(gain):.2f}x images/s; "
+        f"the sampler's own gain from a batch of {n} (direct, same rounds): median {statistics.median(direct_gain):.2f}x; "
+        f"batched serving reaches median {statistics.median(reach):.2f}x of the direct batched call"
     )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

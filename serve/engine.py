@@ -19,7 +19,7 @@ import torch
 
 from mdm.pipeline import MDMPipeline
 
-__all__ = ["Job", "Result", "run_jobs", "group_jobs", "RegistryRef", "locate_model"]
+__all__ = ["Job", "Result", "run_jobs", "group_jobs", "set_precision", "RegistryRef", "locate_model"]
 
 
 @dataclass
@@ -145,6 +145,23 @@ def run_jobs(pipe: MDMPipeline, jobs: Sequence[Job], max_images: int = 32) -> li
                 except Exception as e1:  # noqa: BLE001
                     results[i] = e1
     return results  # type: ignore[return-value]
+
+
+def set_precision(pipe: MDMPipeline, precision: str) -> None:
+    """``fp32``: float32 activations (TF32 matmuls on CUDA), so batching changes a sample by
+    float rounding only. ``bf16``: bf16 autocast on CUDA, faster, but a bf16 activation
+    rounds differently when the batch shape picks another kernel, and over the sampler's
+    steps that moves pixels by a few levels. On CPU both run in float32."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if pipe.device.type != "cuda":
+        pipe.autocast_dtype = None
+    elif precision == "bf16":
+        pipe.autocast_dtype = torch.bfloat16
+    else:
+        pipe.autocast_dtype = None
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def _release_memory(pipe: MDMPipeline) -> None:

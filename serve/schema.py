@@ -131,6 +131,7 @@ class ModelInfo(BaseModel):
     max_images: int
     max_steps: int
     device: str
+    precision: Literal["fp32", "bf16"] = Field(description="Activation precision of the sampler.")
     threads: int = Field(description="CPU threads of the replica's torch.")
 
 

@@ -200,6 +200,7 @@ def test_health_and_model_info_name_the_registered_version(server, registered):
         "num_classes": None,
     }
     assert info["max_images"] == 8 and "dpmpp_2m" in info["samplers"]
+    assert (info["device"], info["precision"]) == ("cpu", "fp32")
 
 
 @pytest.mark.integration
