@@ -307,8 +307,9 @@ class MDMServer:
             self._check_prompt("negative_prompt", p.negative_prompt)
             return {"prompts": [p.prompt or ""] * n, "negatives": [p.negative_prompt or ""] * n, "labels": None}
         if p.prompt or p.negative_prompt:
-            what = "class-conditioned: send a label" if kind == "class" else "unconditional: send no prompt"
-            raise InputError(f"this model is {what}, not a prompt or negative_prompt")
+            if kind == "class":
+                raise InputError("this model is class-conditioned: send a label, not a prompt or negative_prompt")
+            raise InputError("this model is unconditional: send no prompt, negative_prompt or label")
         if kind == "class":
             if p.label is not None and not 0 <= p.label < self.cond.num_classes:
                 raise InputError(

@@ -150,6 +150,22 @@ def test_a_failing_job_does_not_fail_its_batch(pipe64):
     assert isinstance(out[1], ValueError)
 
 
+@pytest.mark.integration
+def test_a_registry_source_is_pinned_to_its_version(mlflow_server, registered):
+    """An alias is resolved to its version before loading; a version number finds its aliases;
+    an unknown alias fails at once, saying where it looked."""
+    from serve.engine import locate_model
+
+    by_alias = locate_model(f"models:/{MODEL}@{ALIAS}")
+    assert (by_alias.name, by_alias.version, by_alias.alias) == (MODEL, registered, ALIAS)
+    assert by_alias.load_source == f"models:/{MODEL}/{registered}"
+    by_number = locate_model(f"models:/{MODEL}/{registered}")
+    assert (by_number.version, by_number.alias, by_number.aliases) == (registered, ALIAS, [ALIAS])
+    with pytest.raises(LookupError, match="no-such-alias.*MLflow registry at http://127.0.0.1"):
+        locate_model(f"models:/{MODEL}@no-such-alias")
+    assert locate_model("/some/folder").load_source == "/some/folder"
+
+
 def test_serve_config_file_is_a_valid_deploy_config():
     import yaml
     from ray.serve.schema import ServeDeploySchema
