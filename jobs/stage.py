@@ -241,7 +241,8 @@ def train_loop_per_worker(payload: dict) -> None:
         prev = MDMModel(pconfig.model)
         prev.load_state_dict(pstate)
         model = grow(prev, pconfig, mcfg)
-        got = state_fingerprint({k: v for k, v in model.state_dict().items() if k in inner_state_dict(prev)})
+        inherited = inner_state_dict(prev).keys()
+        got = state_fingerprint({k: v for k, v in model.state_dict().items() if k in inherited})
         if got != parent["inner_sha256"]:
             raise RuntimeError(f"rank {rank}: inner weights differ from {parent['source']} after growth")
         if rank == 0:
@@ -269,7 +270,7 @@ def train_loop_per_worker(payload: dict) -> None:
         if rank == 0:
             _log(f"resumed from the checkpoint of step {start}")
 
-    tracker = _Tracker(payload, cfg, rank) if rank == 0 else None
+    tracker = _Tracker(payload, cfg) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     batches = _batches(shard, cfg, None if cfg.data.text_emb else encoder, device, cfg.train.seed * 7919 + start)
     images_per_step = cfg.train.batch_size * cfg.train.grad_accum * world
@@ -289,7 +290,7 @@ def train_loop_per_worker(payload: dict) -> None:
                 tracker.log_step(done, per, trainer.lr(), gn, ips, world)
         sample_now = cfg.mlflow.sample_every > 0 and done % cfg.mlflow.sample_every == 0
         ckpt_now = done % cfg.run.checkpoint_every == 0 or is_last
-        if sample_now or ckpt_now or is_last:
+        if sample_now or ckpt_now:  # the last step always checkpoints
             ema = trainer.export_ema()  # collective under ZeRO-3
             if tracker is not None and (sample_now or is_last):
                 tracker.log_samples(done, ema, device)
@@ -305,18 +306,14 @@ def train_loop_per_worker(payload: dict) -> None:
                     )
                 if rank == 0:
                     _log(f"checkpoint saved at step {done}")
-    if tracker is not None:
-        tracker.close()
 
 
 class _Tracker:
     """Rank 0's MLflow logging: metrics every log step, sample grids per resolution."""
 
-    def __init__(self, payload: dict, cfg: StageConfig, rank: int):
-        import mlflow
+    def __init__(self, payload: dict, cfg: StageConfig):
         from mlflow import MlflowClient
 
-        mlflow.set_tracking_uri(payload["tracking_uri"])
         self.client = MlflowClient(payload["tracking_uri"])
         self.run_id = payload["run_id"]
         self.cfg = cfg
@@ -367,9 +364,6 @@ class _Tracker:
             img = make_grid(x, nrow=n, upscale_to=mcfg.model.resolutions[-1])
             self.client.log_image(self.run_id, img, artifact_file=f"samples/step_{step:07d}_{r}px.png")
         _log(f"sample grids of step {step} logged ({n} per resolution)")
-
-    def close(self) -> None:
-        pass
 
 
 # ---------------------------------------------------------------------------- the driver

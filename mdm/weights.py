@@ -29,13 +29,18 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
+def ema_decay(decay: float, num_updates: int, warmup: bool = True) -> float:
+    """The decay of update ``num_updates + 1``: ``min(decay, (1 + n) / (10 + n))`` with warm-up."""
+    n = num_updates
+    return min(decay, (1 + n) / (10 + n)) if warmup else decay
+
+
 class EMA:
     """Exponential moving average of parameters: ``shadow <- shadow + (1 - d)(param - shadow)``.
 
     The decay warms up as ``min(decay, (1 + n) / (10 + n))`` so early averages are not
     dominated by the random initialisation. Runs as fused foreach ops, no host sync.
-    Under ZeRO-3, call :meth:`update` inside the engine's parameter gather (the training
-    step does).
+    Under DeepSpeed ZeRO, :class:`mdm.zero.ShardedEMA` averages each rank's own partition.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
@@ -48,8 +53,7 @@ class EMA:
         self.shadow = [p.detach().clone().float() for p in model.parameters()]
 
     def current_decay(self) -> float:
-        n = self.num_updates
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        return ema_decay(self.decay, self.num_updates, self.warmup)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -34,6 +34,7 @@ from torch import nn
 from .config import ConfigError, MDMConfig
 from .training import Batch, TrainConfig, TrainStep, lr_multiplier, make_optimizer
 from .unet import Condition
+from .weights import ema_decay
 
 __all__ = ["ZeroConfig", "ZeroTrainer", "ShardedEMA", "deepspeed_config"]
 
@@ -99,8 +100,7 @@ class ShardedEMA:
         return p.ds_tensor if self.partitioned else p
 
     def current_decay(self) -> float:
-        n = self.num_updates
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        return ema_decay(self.decay, self.num_updates, self.warmup)
 
     @torch.no_grad()
     def update(self) -> None:

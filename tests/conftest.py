@@ -102,14 +102,20 @@ def randomize_(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> to
     return model
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-protocol server (moto) on loopback; its endpoint and test credentials are
-    put in the environment (before Ray starts, so Ray's workers inherit them)."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
+    return port
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on loopback; its endpoint and test credentials are
+    put in the environment (before Ray starts, so Ray's workers inherit them)."""
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -144,14 +150,6 @@ def s3_server():
     proc.wait(10)
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server, tmp_path_factory):
     """One real local Ray cluster for the whole session, started as operators start it
@@ -160,7 +158,7 @@ def ray_cluster(s3_server, tmp_path_factory):
     them. Yields the GCS and the job-submission (dashboard) addresses."""
     import ray
 
-    gcs_port, dash_port = _free_port(), _free_port()
+    gcs_port, dash_port = free_port(), free_port()
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "ray"),
         "start",
@@ -236,7 +234,7 @@ def mlflow_server(s3_server, tmp_path_factory):
 
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).mkdir("mlflow")
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             os.path.join(os.path.dirname(sys.executable), "mlflow"),

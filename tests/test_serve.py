@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from conftest import free_port
 from PIL import Image
 
 STEPS = 4
@@ -24,14 +24,6 @@ KEY = "serve-test-key"
 MODEL = "mdm-serve-test"
 ALIAS = "serve-test"
 P = ["fox face, fluent 3d style", "red apple, fluent 3d style", "rocket, fluent 3d style", "penguin, fluent 3d style"]
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def png_bytes(img: Image.Image | torch.Tensor, fmt: str = "PNG") -> bytes:
@@ -79,7 +71,7 @@ def server(ray_cluster, mlflow_server, registered):
 
     from serve.app import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(
         {
