@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (ZeRO 0-2)")
     p.add_argument("--no_overlap", action="store_true", help="deepspeed.overlap_comm=false")
+    p.add_argument("--bf16_weights", action="store_true", help="deepspeed.bf16_weights=true (DeepSpeed's bf16 mode)")
     p.add_argument("--grad_clip", type=float, default=2.0, help="train.grad_clip (0 disables)")
     p.add_argument("--sync_check", action="store_true", help="report where a step first syncs with the host")
     p.add_argument("--plain", action="store_true", help="also time bench/train_step.py's plain step (rank 0 alone)")
@@ -73,7 +74,9 @@ def main() -> None:
         model,
         cfg,
         train,
-        ZeroConfig(stage=args.stage, compile=args.compile, overlap_comm=not args.no_overlap),
+        ZeroConfig(
+            stage=args.stage, compile=args.compile, overlap_comm=not args.no_overlap, bf16_weights=args.bf16_weights
+        ),
         null=null,
     )
     batch = make_batch(cfg, args.batch, device, seed=trainer.rank)  # on the device, as BenchStep's
@@ -111,6 +114,7 @@ def main() -> None:
         "zero_stage": args.stage,
         "compile": args.compile,
         "overlap_comm": not args.no_overlap,
+        "bf16_weights": args.bf16_weights,
         "grad_clip": args.grad_clip,
         "world": world,
         "batch_per_gpu": args.batch,

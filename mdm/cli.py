@@ -1,4 +1,4 @@
-"""The ``mdm`` command line: sample, inpaint, edit, train locally, run the demo.
+"""The ``mdm`` command line: sample, inpaint, edit, train locally, run the demo, evaluate.
 
 SRC (``--checkpoint``/``--init``) is a weights folder, an object-storage URI
 (``s3://bucket/prefix``, ``file:///abs/path``) or a registry entry (``models:/mdm@stage-256``).
@@ -322,6 +322,44 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """FID/KID (and the caption score) at every resolution against a captioned image folder."""
+    from .data import demo_images, load_captioned_folder
+    from .evaluation import evaluate
+    from .pipeline import MDMPipeline
+
+    device = _device(args.device)
+    pipe = MDMPipeline.from_pretrained(args.checkpoint, device=device)
+    top = pipe.resolutions[-1]
+    images, captions = demo_images(top) if args.real == "demo" else load_captioned_folder(args.real, top)
+    if args.num_real:
+        images, captions = images[: args.num_real], captions[: args.num_real]
+    report = evaluate(
+        pipe,
+        {top: images},
+        prompts=captions,
+        num_samples=args.num_samples,
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance=args.guidance_scale,
+        batch_size=args.batch_size,
+        device=device,
+        real_captions=captions,
+        seed=args.seed,
+        kid_subsets=args.kid_subsets,
+        progress=not args.no_progress,
+    )
+    report["model"] = args.checkpoint
+    report["real"] = args.real
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    for r, m in report["metrics"].items():
+        print(f"{r:>5}px  FID {m['fid']:.2f}  KID {m['kid_mean']:.4f} +- {m['kid_std']:.4f}")
+    print(f"report written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mdm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -407,6 +445,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
     p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser(
+        "eval", help="FID and KID at every resolution (and a caption score) against real captioned images; no Ray"
+    )
+    p.add_argument(
+        "--checkpoint", required=True, metavar="SRC", help="weights folder, s3:// or file:// URI, or models:/NAME@ALIAS"
+    )
+    p.add_argument(
+        "--real",
+        default="demo",
+        help="folder of real held-out images with captions.json or .txt sidecars, or 'demo' (the shipped emoji); "
+        "for Parquet shards use jobs/evaluate.py",
+    )
+    p.add_argument("--num_real", type=int, default=None, help="use at most this many real images (default all)")
+    p.add_argument(
+        "--num_samples",
+        type=int,
+        default=100,
+        help="images to generate, prompts cycled over the captions (default 100)",
+    )
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m"], help="sampler (default ddim)")
+    p.add_argument(
+        "--guidance_scale", type=float, default=5.0, help="classifier-free guidance scale; 1 disables (default 5)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sample j is seeded by seed + j (default 0)")
+    p.add_argument("--batch_size", type=int, default=16, help="samples generated per batch (default 16)")
+    p.add_argument("--kid_subsets", type=int, default=100, help="KID subsets of min(1000, n) images (default 100)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    p.add_argument("--out", default="eval_report.json", help="JSON report path (default eval_report.json)")
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("configs", help="list the named configs with their resolutions and sizes")
     p.set_defaults(fn=cmd_configs)

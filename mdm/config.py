@@ -205,13 +205,24 @@ class DiffusionConfig:
 
     ``SNR_r(t) = SNR_base(t) / (r / r_base)**shift_power`` on a cosine base schedule whose
     log-SNR spans [logsnr_min, logsnr_max] at the base (innermost) resolution.
+
+    The loss is ``sum_r w_r * mean ||e_r||^2`` where ``e_r`` is the error of the network's
+    output measured in the space ``loss_target`` (independent of ``prediction``): with a
+    v prediction, the eps error is ``alpha_r`` times the v error and the x0 error is
+    ``-sigma_r`` times it (see :meth:`~mdm.diffusion.MultiResolutionDiffusion.loss`).
+    ``loss_weights`` are the ``w_r`` (None: all 1). ``mixed_ratio`` is the fraction of each
+    batch on which the top resolution is computed and its loss counted (the first
+    ``floor(mixed_ratio * B)`` samples; the rest train the inner nets alone, as the
+    reference's ``mixed_ratio: '2:1'`` = 2/3 does); 1.0 uses the whole batch.
     """
 
     prediction: Literal["v", "eps", "x0"] = "v"
+    loss_target: Literal["v", "eps", "x0"] = "v"
     shift_power: float = 1.0
     logsnr_min: float = -15.0
     logsnr_max: float = 15.0
-    loss_weights: list[float] | None = None  # per resolution; None means all 1
+    loss_weights: list[float] | None = None  # per resolution, lowest first; None means all 1
+    mixed_ratio: float = 1.0  # fraction of the batch that the top resolution trains on
     cond_dropout: float = 0.1  # probability of dropping the caption/class (guidance)
 
     def validate(self, num_resolutions: int, where: str = "diffusion") -> None:
@@ -219,6 +230,11 @@ class DiffusionConfig:
             self.prediction in ("v", "eps", "x0"),
             f"{where}.prediction",
             f"{self.prediction!r} is not one of 'v', 'eps', 'x0'",
+        )
+        _check(
+            self.loss_target in ("v", "eps", "x0"),
+            f"{where}.loss_target",
+            f"{self.loss_target!r} is not one of 'v', 'eps', 'x0'",
         )
         _check(self.shift_power >= 0, f"{where}.shift_power", "must be >= 0")
         _check(self.logsnr_min < self.logsnr_max, f"{where}.logsnr_min", "must be < logsnr_max")
@@ -230,6 +246,16 @@ class DiffusionConfig:
             )
             _check(all(w >= 0 for w in self.loss_weights), f"{where}.loss_weights", "must be >= 0")
             _check(sum(self.loss_weights) > 0, f"{where}.loss_weights", "must not all be zero")
+        _check(
+            isinstance(self.mixed_ratio, (int, float)) and 0.0 < self.mixed_ratio <= 1.0,
+            f"{where}.mixed_ratio",
+            f"must be in (0, 1] (the fraction of the batch the top resolution trains on), got {self.mixed_ratio!r}",
+        )
+        _check(
+            self.mixed_ratio == 1.0 or num_resolutions > 1,
+            f"{where}.mixed_ratio",
+            "a single-resolution model trains its only resolution on the whole batch; set it to 1",
+        )
         _check(0.0 <= self.cond_dropout < 1.0, f"{where}.cond_dropout", "must be in [0, 1)")
 
     def weights(self, num_resolutions: int) -> list[float]:

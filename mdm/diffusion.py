@@ -11,7 +11,14 @@ base schedule shifted by its size:
     z_r = alpha_r x_r + sigma_r eps_r
 
 so ``SNR_r = SNR_base / (r / r_base)^p``. The network predicts v (or eps, or x0); the loss
-is ``sum_r w_r * mean ||pred_r - target_r||^2``.
+is ``sum_r w_r * mean ||e_r||^2`` with ``e_r`` the prediction's error measured in the space
+``loss_target`` (v, eps or x0). With ``v = alpha eps - sigma x`` and
+``eps_hat = sigma z + alpha v_hat``, ``x_hat = alpha z - sigma v_hat``:
+
+    eps_hat - eps = alpha (v_hat - v),    x_hat - x = -sigma (v_hat - v),
+
+so the eps loss of a v prediction (the reference's ``loss_target_type: DDPM``) is the
+v-MSE weighted by ``alpha_r(t)^2`` per sample, and the x0 loss weights it by ``sigma_r^2``.
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ class MultiResolutionDiffusion:
         self.resolutions = list(resolutions)
         self.schedule = ShiftedCosineSchedule(resolutions, config.shift_power, config.logsnr_min, config.logsnr_max)
         self.loss_weights = config.weights(len(resolutions))
+        self.mixed_ratio = float(config.mixed_ratio)
 
     # --------------------------------------------------------------- forward process
     def q_sample(self, xs: list[torch.Tensor], t: torch.Tensor, noises: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -109,6 +117,33 @@ class MultiResolutionDiffusion:
             return (z - s * pred) / a, pred
         return pred, (z - a * pred) / s
 
+    def in_loss_space(self, z: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, index: int) -> torch.Tensor:
+        """The network output ``pred`` expressed in the space ``config.loss_target``."""
+        space = self.config.loss_target
+        if space == self.config.prediction:
+            return pred
+        x0, eps = self.to_x0_eps(z, pred, t, index)
+        if space == "x0":
+            return x0
+        if space == "eps":
+            return eps
+        a, s = self.schedule.alpha_sigma(t, index)
+        return _bcast(a, x0) * eps - _bcast(s, x0) * x0
+
+    def loss_target(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, index: int) -> torch.Tensor:
+        """The true value of the ``config.loss_target`` quantity (eps, x0 or v)."""
+        space = self.config.loss_target
+        if space == "eps":
+            return noise
+        if space == "x0":
+            return x
+        a, s = self.schedule.alpha_sigma(t, index)
+        return _bcast(a, x) * noise - _bcast(s, x) * x
+
+    def top_batch(self, batch: int) -> int:
+        """How many samples (the first ones) the top resolution trains on: ``mixed_ratio * B``, at least 1."""
+        return batch if self.mixed_ratio >= 1.0 else max(1, int(self.mixed_ratio * batch))
+
     # --------------------------------------------------------------- training loss
     def sample_t(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.rand(batch, device=device, generator=generator)
@@ -122,7 +157,12 @@ class MultiResolutionDiffusion:
         noises: list[torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted multi-resolution loss and the (R,) per-resolution MSE (no host sync)."""
+        """Weighted multi-resolution loss and the (R,) per-resolution MSE (no host sync).
+
+        ``sum_r w_r * mean_{samples, pixels} ||e_r||^2`` with ``e_r`` the error in the
+        ``loss_target`` space (module docstring). The top resolution is computed, and its
+        loss averaged, over the first :meth:`top_batch` samples only (``mixed_ratio``).
+        """
         b = xs[0].shape[0]
         device = xs[0].device
         if t is None:
@@ -130,9 +170,14 @@ class MultiResolutionDiffusion:
         if noises is None:
             noises = [torch.randn(x.shape, device=device, dtype=x.dtype, generator=generator) for x in xs]
         zs = self.q_sample(xs, t, noises)
+        bh = self.top_batch(b)
+        if bh < b:
+            zs, xs, noises = zs[:-1] + [zs[-1][:bh]], xs[:-1] + [xs[-1][:bh]], noises[:-1] + [noises[-1][:bh]]
         preds = model(zs, t, cond)
-        losses = [
-            F.mse_loss(p.float(), self.target(x, n, t, i).float()) for i, (p, x, n) in enumerate(zip(preds, xs, noises))
-        ]
+        losses = []
+        for i, (z, p, x, n) in enumerate(zip(zs, preds, xs, noises)):
+            ti = t[: z.shape[0]]
+            err = self.in_loss_space(z.float(), p.float(), ti, i) - self.loss_target(x.float(), n.float(), ti, i)
+            losses.append(err.square().mean())
         total = sum(w * loss for w, loss in zip(self.loss_weights, losses))
         return total, torch.stack(losses).detach()

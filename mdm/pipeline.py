@@ -3,10 +3,21 @@
 ``MDMPipeline`` owns a model, its diffusion process and its text encoder. Every method
 returns one tensor per resolution (lowest first), values in [-1, 1]; sample j of a call
 is seeded by ``seeds[j]`` (default ``seed + j``), so it does not depend on batch size.
+
+Every public method takes keyword arguments by name only as its signature lists them: a
+misspelt one (``guidence_scale=``) raises :class:`TypeError` naming it and the valid ones,
+instead of being ignored.
+
+``fast=True`` (constructor, or per call) replays the guided denoiser from CUDA graphs,
+captured once per batch size and resolution and kept by the pipeline; on a CPU it changes
+nothing. It runs the same bf16-autocast computation as the plain CUDA path.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,11 +26,31 @@ import torch.nn.functional as F
 from .conditioning import TextEncoder, get_text_encoder, make_condition
 from .config import MDMConfig
 from .diffusion import MultiResolutionDiffusion, image_pyramid
-from .sampling import SAMPLERS, Denoiser, NoiseSource, time_grid
+from .sampling import SAMPLERS, CUDAGraphForward, Denoiser, NoiseSource, time_grid
 from .unet import MDMModel
 from .weights import load_pretrained
 
 __all__ = ["MDMPipeline", "feather_mask"]
+
+
+def strict_keywords(fn: Callable) -> Callable:
+    """Reject keyword arguments that ``fn``'s signature does not name, saying which are valid."""
+    params = inspect.signature(fn).parameters
+    valid = [n for n, p in params.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        unknown = [k for k in kwargs if k not in valid]
+        if unknown:
+            bad = unknown[0]
+            close = difflib.get_close_matches(bad, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(
+                f"{fn.__qualname__}() got an unexpected keyword argument {bad!r}{hint}; valid: {', '.join(valid)}"
+            )
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def feather_mask(mask: torch.Tensor, feather: int) -> torch.Tensor:
@@ -51,6 +82,7 @@ class MDMPipeline:
         device: str | torch.device = "cpu",
         text_encoder: TextEncoder | None = None,
         autocast_dtype: torch.dtype | None = None,
+        fast: bool = False,
     ):
         self.model = model.to(device).eval()
         self.config = config
@@ -63,11 +95,20 @@ class MDMPipeline:
         if autocast_dtype is None and self.device.type == "cuda":
             autocast_dtype = torch.bfloat16
         self.autocast_dtype = autocast_dtype
+        self.fast = fast
+        self._graphed = CUDAGraphForward(self.model)  # graphs captured on first fast use, per shape
 
     @classmethod
-    def from_pretrained(cls, src: str, device: str | torch.device = "cpu", **kwargs) -> MDMPipeline:
+    def from_pretrained(
+        cls,
+        src: str,
+        device: str | torch.device = "cpu",
+        text_encoder: TextEncoder | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        fast: bool = False,
+    ) -> MDMPipeline:
         model, config = load_pretrained(src, device)
-        return cls(model, config, device, **kwargs)
+        return cls(model, config, device, text_encoder, autocast_dtype, fast)
 
     @property
     def resolutions(self) -> list[int]:
@@ -85,7 +126,14 @@ class MDMPipeline:
         return prompts
 
     def _denoiser(
-        self, n: int, prompt, labels, negative_prompt, guidance_scale: float, source_size: float | None
+        self,
+        n: int,
+        prompt,
+        labels,
+        negative_prompt,
+        guidance_scale: float,
+        source_size: float | None,
+        fast: bool | None = None,
     ) -> Denoiser:
         ccfg = self.config.model.conditioning
         size = float(source_size) if source_size is not None else float(self.resolutions[-1])
@@ -98,7 +146,9 @@ class MDMPipeline:
             uncond = make_condition(ccfg, n, prompts=self._prompts(negative_prompt, n), **kw)
         elif negative_prompt is not None and ccfg.kind != "text":
             raise ValueError("negative prompts need a text-conditioned model")
-        return Denoiser(self.model, self.diffusion, cond, uncond, guidance_scale, autocast_dtype=self.autocast_dtype)
+        fast = self.fast if fast is None else fast
+        model = self._graphed if fast and self.device.type == "cuda" else self.model
+        return Denoiser(model, self.diffusion, cond, uncond, guidance_scale, autocast_dtype=self.autocast_dtype)
 
     def _seeds(self, n: int, seed: int, seeds: Sequence[int] | None) -> list[int]:
         if seeds is not None:
@@ -134,6 +184,7 @@ class MDMPipeline:
         return image.to(self.device, torch.float32)
 
     # ------------------------------------------------------------------ public API
+    @strict_keywords
     def generate(
         self,
         prompt: str | Sequence[str] | None = None,
@@ -149,16 +200,18 @@ class MDMPipeline:
         source_size: float | None = None,
         progress: bool = False,
         callback: Callable[[dict], None] | None = None,
+        fast: bool | None = None,
     ) -> list[torch.Tensor]:
-        """Sample every resolution jointly from pure noise."""
+        """Sample every resolution jointly from pure noise (``fast``: None follows the pipeline)."""
         if num_samples < 1:
             raise ValueError("num_samples must be >= 1")
         n = num_samples
         noise = NoiseSource(self._seeds(n, seed, seeds), self.device)
         zs = [noise(torch.empty(s, device=self.device)) for s in self._latent_shapes(n)]
-        den = self._denoiser(n, prompt, labels, negative_prompt, guidance_scale, source_size)
-        return self._run(den, zs, time_grid(steps, 1.0, self.device), noise, sampler, eta, progress, callback)
+        den = self._denoiser(n, prompt, labels, negative_prompt, guidance_scale, source_size, fast)
+        return self._run(den, zs, time_grid(steps, 1.0), noise, sampler, eta, progress, callback)
 
+    @strict_keywords
     def edit(
         self,
         image: torch.Tensor,
@@ -166,7 +219,17 @@ class MDMPipeline:
         strength: float = 0.6,
         num_samples: int = 1,
         steps: int = 50,
-        **kwargs,
+        labels: int | Sequence[int] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        guidance_scale: float = 5.0,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        seed: int = 0,
+        seeds: Sequence[int] | None = None,
+        source_size: float | None = None,
+        progress: bool = False,
+        callback: Callable[[dict], None] | None = None,
+        fast: bool | None = None,
     ) -> list[torch.Tensor]:
         """SDEdit (Meng et al. 2022): noise the image to t = strength, then denoise.
 
@@ -177,30 +240,15 @@ class MDMPipeline:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         image = self._check_image(image)
         n = num_samples
-        noise = NoiseSource(self._seeds(n, kwargs.pop("seed", 0), kwargs.pop("seeds", None)), self.device)
+        noise = NoiseSource(self._seeds(n, seed, seeds), self.device)
         xs = image_pyramid(image.expand(n, -1, -1, -1), self.resolutions)
         t0 = torch.full((n,), strength, device=self.device)
         zs = self.diffusion.q_sample(xs, t0, [noise(x) for x in xs])
-        den = self._denoiser(
-            n,
-            prompt,
-            kwargs.pop("labels", None),
-            kwargs.pop("negative_prompt", None),
-            kwargs.pop("guidance_scale", 5.0),
-            kwargs.pop("source_size", None),
-        )
-        ts = time_grid(max(1, int(-(-steps * strength // 1))), strength, self.device)
-        return self._run(
-            den,
-            zs,
-            ts,
-            noise,
-            kwargs.pop("sampler", "ddim"),
-            kwargs.pop("eta", 0.0),
-            kwargs.pop("progress", False),
-            kwargs.pop("callback", None),
-        )
+        den = self._denoiser(n, prompt, labels, negative_prompt, guidance_scale, source_size, fast)
+        ts = time_grid(max(1, int(-(-steps * strength // 1))), strength)
+        return self._run(den, zs, ts, noise, sampler, eta, progress, callback)
 
+    @strict_keywords
     def inpaint(
         self,
         image: torch.Tensor,
@@ -221,6 +269,8 @@ class MDMPipeline:
         progress: bool = False,
         callback: Callable[[dict], None] | None = None,
         on_pass: Callable[[int, list[torch.Tensor]], None] | None = None,
+        source_size: float | None = None,
+        fast: bool | None = None,
     ) -> list[torch.Tensor]:
         """Multi-scale inpainting: fill where ``mask`` is 1, keep the rest.
 
@@ -244,13 +294,13 @@ class MDMPipeline:
         seeds = self._seeds(n, seed, seeds)
         known = image_pyramid(image.expand(n, -1, -1, -1), self.resolutions)
         masks = image_pyramid(mask.expand(n, -1, -1, -1), self.resolutions)
-        den = self._denoiser(n, prompt, labels, negative_prompt, guidance_scale, None)
+        den = self._denoiser(n, prompt, labels, negative_prompt, guidance_scale, source_size, fast)
 
         def run(init: list[torch.Tensor] | None, t_start: float, pass_seed_offset: int) -> list[torch.Tensor]:
             noise = NoiseSource([s + 7919 * pass_seed_offset for s in seeds], self.device)
 
-            def project(zs: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
-                tt = t.to(torch.float32).reshape(1).expand(n)
+            def project(zs: list[torch.Tensor], t: float) -> list[torch.Tensor]:
+                tt = torch.full((n,), float(t), device=self.device)
                 kn = self.diffusion.q_sample(known, tt, [noise(x) for x in known])
                 return [m * z + (1 - m) * k for z, m, k in zip(zs, masks, kn)]
 
@@ -259,8 +309,8 @@ class MDMPipeline:
                 zs = [noise(x) for x in known]
             else:
                 zs = self.diffusion.q_sample(init, t0, [noise(x) for x in init])
-            zs = project(zs, torch.tensor(t_start, dtype=torch.float64, device=self.device))
-            ts = time_grid(max(1, int(-(-steps * t_start // 1))), t_start, self.device)
+            zs = project(zs, t_start)
+            ts = time_grid(max(1, int(-(-steps * t_start // 1))), t_start)
             out = self._run(den, zs, ts, noise, sampler, eta, progress, callback, project)
             return [m * z + (1 - m) * k for z, m, k in zip(out, masks, known)]
 

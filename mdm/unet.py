@@ -176,16 +176,26 @@ class NestedUNet(nn.Module):
     def forward(
         self,
         zs: list[torch.Tensor],
-        emb: torch.Tensor,
+        embs: list[torch.Tensor],
         ctx: torch.Tensor | None = None,
         ctx_mask: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Predictions for every resolution (lowest first) and this net's last features.
 
-        ``zs``: noisy inputs, lowest resolution first, one per nested level.
+        ``zs``: noisy inputs, lowest resolution first, one per nested level; an outer
+        level may hold only the first samples of the batch (mixed-ratio training): the
+        inner net then sees zero outer features for the others, as if it ran alone.
+        ``embs``: the conditioning vector of each level, lowest first.
         ``features``: the outer net's adapted features, added to the input features.
         """
+        bh = zs[-1].shape[0]
+        emb = embs[-1][:bh]
+        ctx_full, mask_full = ctx, ctx_mask
+        if ctx is not None:
+            ctx = ctx[:bh]
+        if ctx_mask is not None:
+            ctx_mask = ctx_mask[:bh]
         h = self.conv_in(zs[-1])
         if features is not None:
             h = h + features
@@ -198,8 +208,12 @@ class NestedUNet(nn.Module):
 
         inner_preds: list[torch.Tensor] = []
         if self.inner is not None:
-            inner_preds, inner_h = self.inner(zs[:-1], emb, ctx, ctx_mask, self.in_adapter(h))
-            h = h + self.out_adapter(inner_h)
+            feats = self.in_adapter(h)
+            bl = zs[-2].shape[0]
+            if bl > bh:  # the samples this shell skips get no outer features
+                feats = torch.cat([feats, feats.new_zeros(bl - bh, *feats.shape[1:])])
+            inner_preds, inner_h = self.inner(zs[:-1], embs[:-1], ctx_full, mask_full, feats)
+            h = h + self.out_adapter(inner_h[:bh])
         if self.cfg.mid_block:
             h = self._call(self.mid.res[0], h, emb)
             h = self._call(self.mid_attn, h, ctx, ctx_mask)
@@ -216,8 +230,14 @@ class NestedUNet(nn.Module):
 class MDMModel(nn.Module):
     """The conditioned NestedUNet: ``model(zs, t, cond) -> [prediction per resolution]``.
 
-    The conditioning vector shared by every block is
-    ``emb = MLP(sinusoid(1000 t)) + W_text · pool(ctx) | class_emb[label] + MLP_micro(sinusoid(size))``.
+    The conditioning vector of the blocks of resolution r is
+    ``emb_r = MLP(sinusoid(1000 t)) + W_text · pool(ctx) | class_emb[label] + MLP_micro(sinusoid(min(size, r)))``.
+
+    The source size is clamped at each level's own resolution, as the reference does with
+    each UNet's ``scale`` micro-condition (``min(size, default)``). Training feeds a
+    stage's top resolution, so the inner net of a grown model sees the same value the
+    previous stage trained with, with or without a source size: growth stays exact.
+    Without a source size every level sees its own resolution (what training feeds).
     """
 
     def __init__(self, config: ModelConfig):
@@ -252,8 +272,9 @@ class MDMModel(nn.Module):
 
     def embed(
         self, t: torch.Tensor, cond: Condition, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The conditioning vector (B, emb_dim) and the attention context with its mask."""
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """The conditioning vector (B, emb_dim) of every level (lowest first) and the
+        attention context with its mask."""
         ccfg = self.config.conditioning
         e = self.config.emb_dim
         dtype = self.time_embed[0].weight.dtype
@@ -278,12 +299,16 @@ class MDMModel(nn.Module):
             labels = torch.where(cond.labels < 0, torch.full_like(cond.labels, ccfg.num_classes), cond.labels)
             assert self.class_embed is not None
             emb = emb + self.class_embed(labels)
-        if self.micro_embed is not None:
-            size = cond.source_size
-            if size is None:
-                size = torch.full((batch,), float(self.config.resolutions[-1]), device=emb.device)
-            emb = emb + self.micro_embed(timestep_embedding(size, e // 4).to(dtype))
-        return emb, ctx, mask
+        if self.micro_embed is None:
+            return [emb] * len(self.config.resolutions), ctx, mask
+        embs = []
+        for r in self.config.resolutions:  # one call per level: bitwise what a smaller model computes
+            if cond.source_size is None:
+                size = torch.full((batch,), float(r), device=emb.device)
+            else:
+                size = cond.source_size.float().clamp(max=float(r))
+            embs.append(emb + self.micro_embed(timestep_embedding(size, e // 4).to(dtype)))
+        return embs, ctx, mask
 
     def forward(self, zs: list[torch.Tensor], t: torch.Tensor, cond: Condition) -> list[torch.Tensor]:
         """One prediction (v, eps or x0, as the diffusion config says) per resolution."""
@@ -297,6 +322,8 @@ class MDMModel(nn.Module):
                 raise ValueError(
                     f"input for resolution {r} must be (B, {self.config.in_channels}, {r}, {r}), got {tuple(z.shape)}"
                 )
-        emb, ctx, mask = self.embed(t, cond, zs[0].shape[0])
-        preds, _ = self.unet(zs, emb, ctx, mask)
+        if any(a.shape[0] < b.shape[0] for a, b in zip(zs, zs[1:])):
+            raise ValueError("an outer resolution may hold only a prefix of the batch, never more samples")
+        embs, ctx, mask = self.embed(t, cond, zs[0].shape[0])
+        preds, _ = self.unet(zs, embs, ctx, mask)
         return preds

@@ -7,25 +7,18 @@ has learned something (samplers, guidance, editing, CLI) share it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Ray 2.60's `ray start --head` enables token authentication; clients (this process and
-# `ray job submit`) need this set before Ray is first imported.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -111,111 +104,66 @@ def free_port() -> int:
     return port
 
 
+def load_stack_module():
+    """``infra/local/stack.py``: the code that ``make demo`` runs to start the local stack."""
+    spec = importlib.util.spec_from_file_location("mdm_local_stack", REPO / "infra" / "local" / "stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-protocol server (moto) on loopback; its endpoint and test credentials are
-    put in the environment (before Ray starts, so Ray's workers inherit them)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("the moto S3 server did not start") from None
-            time.sleep(0.2)
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": url,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+def local_stack(tmp_path_factory):
+    """The local stack (S3 server, MLflow server, Ray head with token authentication),
+    started once per session by ``infra/local/stack.py`` exactly as ``make demo`` starts it,
+    on free ports. This process gets the client variables the stack prints (``stack.py env``)
+    except ``RAY_ADDRESS``: tests connect to the GCS themselves. Stopped at the end."""
+    stack = load_stack_module()
+    state = tmp_path_factory.mktemp("local-stack") / "stack"
+    info = stack.up(state, "auto", num_cpus=2)
+    env = {k: v for k, v in stack.stack_env(info).items() if k != "RAY_ADDRESS"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    yield url
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield info
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        stack.down(state, quiet=True)
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server, tmp_path_factory):
-    """One real local Ray cluster for the whole session, started as operators start it
-    (``ray start --head``, token authentication on): tests drive it from this process and
-    submit jobs to its dashboard. The S3 variables are set first, so its workers inherit
-    them. Yields the GCS and the job-submission (dashboard) addresses."""
+def s3_server(local_stack):
+    """The stack's S3-protocol server (localbucket, objects on disk); its endpoint and
+    credentials are in the environment."""
+    return local_stack["urls"]["s3"]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(local_stack):
+    """The stack's MLflow server (SQLite, artifacts proxied into the S3 server);
+    MLFLOW_TRACKING_URI points at it."""
+    return local_stack["urls"]["mlflow"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(local_stack):
+    """The stack's Ray head (``ray start --head --block``, 2 CPUs, token authentication),
+    this process connected to it. Yields the GCS and the job-submission (dashboard) addresses."""
     import ray
 
-    gcs_port, dash_port = free_port(), free_port()
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "ray"),
-        "start",
-        "--head",
-        "--num-cpus",
-        "2",
-        "--port",
-        str(gcs_port),
-        "--node-ip-address",
-        "127.0.0.1",
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(dash_port),
-        "--include-dashboard",
-        "true",
-        "--disable-usage-stats",
-    ]
-    # Jobs run `python ...` on the cluster: put this interpreter first on the cluster's PATH,
-    # as an operator who activated the environment before `ray start` would.
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    # `--block` keeps this cluster's processes under one process group that the teardown
-    # stops, leaving any other Ray on the machine (a running `make demo` stack) alone.
-    log = tmp_path_factory.mktemp("ray-head") / "ray.log"
-    head = subprocess.Popen(
-        cmd + ["--block", "--temp-dir", os.path.join(tempfile.gettempdir(), f"ray-test-{gcs_port}")],
-        env=env,
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:  # 401 without the token: the dashboard is up
-            break
-        except OSError:
-            if head.poll() is not None or time.time() > deadline:
-                head.kill()
-                raise RuntimeError(f"the test Ray head did not start; see {log}") from None
-            time.sleep(0.5)
-    try:
-        ray.init(address=f"127.0.0.1:{gcs_port}", log_to_driver=False)
-        import ray.data
+    gcs, dashboard = local_stack["urls"]["ray"], local_stack["urls"]["dashboard"]
+    ray.init(address=gcs, log_to_driver=False)
+    import ray.data
 
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        yield {"gcs": f"127.0.0.1:{gcs_port}", "dashboard": f"http://127.0.0.1:{dash_port}"}
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield {"gcs": gcs, "dashboard": dashboard}
     finally:
         ray.shutdown()
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(30)
 
 
 @pytest.fixture(scope="session")
@@ -224,54 +172,3 @@ def ray_session(ray_cluster):
     import ray
 
     return ray
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(s3_server, tmp_path_factory):
-    """A real MLflow tracking server on loopback: SQLite for runs and the registry, artifacts
-    proxied into a bucket of the session's S3 server. Sets MLFLOW_TRACKING_URI."""
-    import s3fs
-
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).mkdir("mlflow")
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            os.path.join(os.path.dirname(sys.executable), "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            "s3://mlflow/artifacts",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3_server),
-        stdout=open(root / "server.log", "wb"),
-        stderr=subprocess.STDOUT,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"mlflow server did not start; see {root / 'server.log'}") from None
-            time.sleep(0.5)
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    yield uri
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
-    proc.terminate()
-    proc.wait(30)

@@ -30,6 +30,9 @@ def test_readme_commands_are_the_ones_ci_and_make_run():
     assert readme.index(first_block.group(0)) < readme.index("## ")  # before any section
     ci = (REPO / ".ci" / "run").read_text()
     assert re.search(r"^make test$", ci, re.M), ".ci/run must call README's test command"
+    # ... as on a fresh machine: an empty home, no inherited Ray/MLflow/AWS settings
+    assert re.search(r'^export HOME="\$fresh_home"$', ci, re.M) and "mktemp -d" in ci
+    assert "RAY|MLFLOW|AWS" in ci and "unset" in ci
     make = (REPO / "Makefile").read_text()
     test_rule = re.search(r"^test:.*\n((?:\t.*\n)+)", make, re.M).group(1)
     assert "-m pytest" in test_rule
@@ -42,30 +45,23 @@ def test_readme_commands_are_the_ones_ci_and_make_run():
 
 @pytest.mark.integration
 @pytest.mark.ray
-def test_demo_end_to_end_on_the_local_stack(tmp_path):
-    state, out = tmp_path / "state", tmp_path / "out"
+def test_demo_end_to_end_on_the_local_stack(local_stack, tmp_path):
+    """``make demo`` at smoke size on the session's stack (the same ``stack.py`` code, so the
+    demo finds it running and uses it instead of starting a second one)."""
+    state, out = Path(local_stack["state"]), tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"):
-        env.pop(key, None)  # the demo brings its own stack
-    cmd = [
-        sys.executable,
-        "infra/local/demo.py",
-        "--quick",
-        "--ports",
-        "auto",
-        "--state",
-        str(state),
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd + ["--down"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    for key in [k for k in env if k.startswith(("RAY_", "MLFLOW_", "AWS_"))]:
+        env.pop(key)  # the demo takes every address and the token from the stack itself
+    cmd = [sys.executable, "infra/local/demo.py", "--quick", "--state", str(state), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     for step in range(1, 7):
         assert f"=== [{step}/6]" in proc.stdout
-    assert "registered models:/mdm/1 as @stage-64" in log
-    assert "registered models:/mdm/2 as @stage-128" in log
-    assert "serving mdm version 2 (tiny-64-128)" in log
+    v64 = re.search(r"registered models:/mdm/(\d+) as @stage-64", log)
+    v128 = re.search(r"registered models:/mdm/(\d+) as @stage-128", log)
+    assert v64 and v128 and int(v128.group(1)) > int(v64.group(1)), log[-3000:]
+    assert f"serving mdm version {v128.group(1)} (tiny-64-128)" in log
 
     prompts = json.loads((out / "prompts.json").read_text())
     assert len(prompts) == 4
@@ -77,7 +73,16 @@ def test_demo_end_to_end_on_the_local_stack(tmp_path):
     assert grid.size == (4 * 130 + 2, 4 * 130 + 2)  # 4 x 4 images of 128 px with 2 px padding
     assert "Look at:" in proc.stdout and "MLflow UI" in proc.stdout and "/docs" in proc.stdout
 
-    # --down stopped every service it started
-    assert not (state / "stack.json").exists()
-    stack_log = (state / "logs" / "ray.log").read_text()
-    assert "received SIGTERM" in stack_log
+    # what the demo tells a user to paste works as printed, from the repository root
+    stop = re.search(r"Stop the stack with: (.+)", proc.stdout).group(1).strip()
+    use = re.search(r'Use the stack from a shell: eval "\$\((.+)\)"', proc.stdout).group(1).strip()
+    shell = subprocess.run(
+        ["bash", "-c", f'eval "$({use})" && echo "$RAY_AUTH_TOKEN_PATH" && {stop.replace(" down", " status")}'],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shell.returncode == 0, shell.stdout + shell.stderr
+    assert local_stack["token"] in shell.stdout and "local stack running" in shell.stdout

@@ -19,7 +19,7 @@ def _hole(size=64, lo=20, hi=44):
 def test_inpainting_keeps_known_pixels(pipe64, trained, progressive, feather):
     image = image_pyramid(trained["images"][1:2], [64])[0][0]
     mask = _hole()
-    passes = []
+    passes, x0s = [], []
     outs = pipe64.inpaint(
         image,
         mask,
@@ -29,6 +29,7 @@ def test_inpainting_keeps_known_pixels(pipe64, trained, progressive, feather):
         feather=feather,
         progressive=progressive,
         on_pass=lambda k, o: passes.append(k),
+        callback=lambda info: x0s.append(info["x0"][-1]),
     )
     assert passes == ([0, 1] if progressive else [0])
     soft = feather_mask(mask[None], feather)[0]
@@ -39,6 +40,12 @@ def test_inpainting_keeps_known_pixels(pipe64, trained, progressive, feather):
     assert torch.equal(top[:, :, known[0]], image[None].expand(2, -1, -1, -1)[:, :, known[0]])
     hole = mask[0] > 0
     assert (top[:, :, hole] - image[:, hole]).abs().mean() > 1e-3  # the hole was actually filled
+    # The known region is imposed during sampling, not only pasted in at the end: the
+    # model's own final x0 estimate (before compositing) already matches it closely.
+    final = x0s[-1]
+    err_known = (final[:, :, known[0]] - image[None][:, :, known[0]]).abs().mean()
+    err_other = (final[:, :, known[0]] - trained["images"][0:1, :, known[0]]).abs().mean()
+    assert err_known < 0.5 * err_other, (err_known, err_other)  # measured: 0.10-0.11 vs 0.35-0.39
     # Coarse resolutions keep their known pixels too (where the pooled mask is 0).
     lo_mask = image_pyramid(soft[None], [32])[0][0, 0]
     lo_img = image_pyramid(image[None], [32])[0][0]

@@ -9,18 +9,20 @@ from mdm.config import apply_overrides
 from mdm.unet import Condition
 
 
-def _cond(cfg, b, seed=0):
+def _cond(cfg, b, seed=0, source_size=300.0):
     c = cfg.model.conditioning
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(b, c.max_text_tokens, dtype=torch.bool)
     mask[:, :5] = True
-    return Condition(
-        torch.randn(b, c.max_text_tokens, c.text_dim, generator=g), mask, source_size=torch.full((b,), 300.0)
-    )
+    size = None if source_size is None else torch.full((b,), float(source_size))
+    return Condition(torch.randn(b, c.max_text_tokens, c.text_dim, generator=g), mask, source_size=size)
 
 
+@pytest.mark.parametrize("source_size", [None, 48.0, 300.0])  # None: the default users get
 @pytest.mark.parametrize("inner_name, outer_name", [("tiny-32", "tiny-32-64"), ("tiny-64", "tiny-64-128")])
-def test_grown_model_reproduces_inner_predictions(inner_name, outer_name):
+def test_grown_model_reproduces_inner_predictions(inner_name, outer_name, source_size):
+    """Exact at the inner resolutions with or without a source size: each level sees the
+    size clamped at its own resolution, which is what the previous stage trained with."""
     inner_cfg, outer_cfg = get_config(inner_name), get_config(outer_name)
     torch.manual_seed(0)
     small = randomize_(MDMModel(inner_cfg.model)).eval()  # zero-initialised layers perturbed too
@@ -29,7 +31,7 @@ def test_grown_model_reproduces_inner_predictions(inner_name, outer_name):
     lo, hi = inner_cfg.model.resolutions[0], outer_cfg.model.resolutions[-1]
     z_lo, z_hi = torch.randn(b, 3, lo, lo), torch.randn(b, 3, hi, hi)
     t = torch.tensor([0.1, 0.5, 0.9])
-    cond = _cond(inner_cfg, b)
+    cond = _cond(inner_cfg, b, source_size=source_size)
     with torch.no_grad():
         ref = small([z_lo], t, cond)[0]
         out = big([z_lo, z_hi], t, cond)
@@ -130,3 +132,38 @@ def test_class_and_unconditional_models(overrides):
         out1 = model(zs, torch.rand(2) * 0 + 0.5, Condition(labels=torch.tensor([3, -1])))
         assert not torch.allclose(out1[0][0], out2[0][0])
         assert torch.allclose(out1[0][1], out2[0][1])  # the null class is the same in both
+
+
+def test_default_source_size_is_what_training_feeds():
+    """Training batches carry the stage's top resolution (mdm.data.InMemoryImageSet); a
+    call without a source size (sampling's default) conditions every level identically."""
+    cfg = get_config("tiny-32-64")
+    model = randomize_(MDMModel(cfg.model)).eval()
+    zs = [torch.randn(2, 3, r, r) for r in cfg.model.resolutions]
+    t = torch.rand(2)
+    with torch.no_grad():
+        default = model(zs, t, _cond(cfg, 2, source_size=None))
+        trained = model(zs, t, _cond(cfg, 2, source_size=cfg.model.resolutions[-1]))
+        smaller = model(zs, t, _cond(cfg, 2, source_size=40.0))
+    assert all(torch.equal(a, b) for a, b in zip(default, trained))
+    assert not torch.allclose(default[1], smaller[1])  # the top level does see the size
+
+
+def test_top_level_may_run_on_part_of_the_batch():
+    """Mixed-ratio training: the top shell runs on the first samples only; those match a
+    full run, and the rest get the inner net's prediction without outer features."""
+    cfg = get_config("tiny-32-64")
+    model = randomize_(MDMModel(cfg.model)).eval()
+    z_lo, z_hi = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 64, 64)
+    t, cond = torch.rand(3), _cond(cfg, 3)
+    with torch.no_grad():
+        part = model([z_lo, z_hi[:2]], t, cond)
+        full = model([z_lo, z_hi], t, cond)
+        model.unet.in_adapter.weight.zero_()
+        model.unet.in_adapter.bias.zero_()
+        alone = model([z_lo, z_hi], t, cond)
+    assert part[1].shape[0] == 2
+    assert torch.allclose(part[1], full[1][:2], atol=1e-5)
+    assert torch.allclose(part[0][:2], full[0][:2], atol=1e-5)
+    assert torch.allclose(part[0][2], alone[0][2], atol=1e-5)
+    assert not torch.allclose(part[0][2], full[0][2], atol=1e-4)

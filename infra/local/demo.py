@@ -3,7 +3,7 @@
 an HTTP endpoint -> images, every step on the local stack and submitted as operators do.
 
     python infra/local/demo.py --out outputs/demo          # what `make demo` runs
-    python infra/local/stack.py down                       # stop the stack afterwards
+    python3 infra/local/stack.py down                      # stop the stack afterwards
 
 1. start the local stack (S3 server, MLflow server, Ray head; reused when running);
 2. ``ray job submit -- python -m pipelines.emoji``: render the emoji raw set into S3;
@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Models: mdm @stage-64, @stage-128)\n"
         f"  Ray dashboard    {dash}  (jobs and their logs)\n"
         f"  endpoint         {endpoint}/docs  (try POST /v1/generate)\n"
-        f"Stop the stack with: python infra/local/stack.py down" + (f" --state {state}" if args.state else ""),
+        f"Use the stack from a shell: eval \"$({stack.stack_command(state, 'env')})\"\n"
+        f"Stop the stack with: {stack.stack_command(state, 'down')}",
         flush=True,
     )
     if args.down:

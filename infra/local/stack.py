@@ -3,21 +3,29 @@
 server and a Ray head, all on 127.0.0.1, started for real and stopped together.
 
     python infra/local/stack.py up      # start (or find running) and print the endpoints
-    python infra/local/stack.py env     # `eval "$(python infra/local/stack.py env)"` for a shell
+    eval "$(python infra/local/stack.py env)"   # this shell can then use ray, mlflow, s3fs
     python infra/local/stack.py status
-    python infra/local/stack.py down    # stop all three
+    python infra/local/stack.py down    # stop all three; what they stored stays
 
-- S3: moto's server (``python -m moto.server``), bucket ``mdm`` (raw sets, shards, runs and
-  MLflow artifacts under one bucket). It keeps objects in memory: ``down`` forgets them.
+- S3: ``localbucket`` through ``infra/local/s3_server.py``, bucket ``mdm`` (raw sets,
+  shards, runs and MLflow artifacts under one bucket). Objects are files under
+  ``<state>/s3/mdm``: they survive ``down``/``up``, so the registry never points at lost
+  artifacts.
 - MLflow: ``mlflow server`` with SQLite in the state folder, artifacts proxied into
   ``s3://mdm/mlflow`` (clients need no S3 credentials for artifacts).
-- Ray: ``ray start --head --block`` with the S3 variables, ``MLFLOW_TRACKING_URI`` and this
-  interpreter's bin first on PATH, so every job submitted to it finds the services and the
-  project's packages. Stopping that one process stops this cluster only.
+- Ray: ``ray start --head --block`` with token authentication always on. The stack makes
+  its own token once (``<state>/ray_auth_token``, mode 600) and hands it to the head and to
+  every client it starts or prints (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN_PATH``); the
+  head also gets the S3 variables, ``MLFLOW_TRACKING_URI`` and this interpreter's bin first
+  on PATH, so every job submitted to it finds the services and the project's packages.
+  Stopping that one process stops this cluster only.
 
-State (ports, process ids, logs, the SQLite file) lives in ``--state`` (default
-``$MDM_STATE_DIR/stack``, ``.state/stack`` under ``make``). Ports default to the usual ones
-(S3 9000, MLflow 5000, Ray 6379, dashboard 8265, Serve 8000); ``--ports auto`` picks free ones.
+Nothing is read from or written to the user's home folder: the services run with
+``HOME`` and the caches (DeepSpeed's JIT builds among them) inside the state folder.
+State (ports, process ids, logs, token, objects, the SQLite file) lives in ``--state``
+(default ``$MDM_STATE_DIR/stack``, else ``.state/stack`` in the repository, which is what
+``make`` uses). Ports default to the usual ones (S3 9000, MLflow 5000, Ray 6379, dashboard
+8265, Serve 8000); ``--ports auto`` picks free ones.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -44,9 +54,39 @@ CREDENTIALS = {
 }
 
 
+REPO = Path(__file__).resolve().parents[2]
+TOKEN_FILE = "ray_auth_token"
+
+
 def default_state() -> Path:
-    base = os.environ.get("MDM_STATE_DIR") or str(Path.home() / ".mdm")
+    """``$MDM_STATE_DIR/stack``, else the repository's ``.state/stack`` (as under ``make``)."""
+    base = os.environ.get("MDM_STATE_DIR") or str(REPO / ".state")
     return Path(base).expanduser().resolve() / "stack"
+
+
+def ensure_token(state: Path) -> Path:
+    """The cluster's Ray token: made once (random, mode 600), then reused by every start."""
+    path = state / TOKEN_FILE
+    if not path.exists():
+        state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)
+    return path
+
+
+def service_env(state: Path) -> dict[str, str]:
+    """Home and caches of the services (and of the jobs Ray runs) inside the state folder."""
+    home, cache = state / "home", state / "cache"
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        "HOME": str(home),
+        "XDG_CACHE_HOME": str(cache),
+        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "MPLCONFIGDIR": str(cache / "matplotlib"),
+    }
 
 
 def _free_port() -> int:
@@ -108,13 +148,14 @@ def read_state(state: Path) -> dict | None:
 
 
 def stack_env(info: dict) -> dict[str, str]:
-    """What a client (``ray job submit``, MLflow, s3fs) needs to use this stack."""
+    """What a client (``ray job submit``, ``ray.init``, MLflow, s3fs) needs to use this stack."""
     return {
         "AWS_ENDPOINT_URL": info["urls"]["s3"],
         **CREDENTIALS,
         "MLFLOW_TRACKING_URI": info["urls"]["mlflow"],
         "RAY_ADDRESS": info["urls"]["dashboard"],
         "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": info["token"],
     }
 
 
@@ -143,9 +184,13 @@ def up(state: Path, ports: str = "default", num_cpus: int | None = None) -> dict
         "dashboard": f"http://127.0.0.1:{port['dashboard']}",
         "serve": f"http://127.0.0.1:{port['serve']}",
     }
-    info = {"state": str(state), "ports": port, "urls": urls, "pids": {}, "bucket": BUCKET}
-    env = dict(os.environ, **CREDENTIALS, AWS_ENDPOINT_URL=urls["s3"])
-    env.pop("MLFLOW_TRACKING_URI", None)
+    token = ensure_token(state)
+    info = {"state": str(state), "ports": port, "urls": urls, "pids": {}, "bucket": BUCKET, "token": str(token)}
+    env = dict(os.environ, **CREDENTIALS, AWS_ENDPOINT_URL=urls["s3"], **service_env(state))
+    for key in list(env):  # another cluster's token or address must not leak into this one
+        if key.startswith(("RAY_", "MLFLOW_")):
+            env.pop(key)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     procs: list[subprocess.Popen] = []
 
     def start(name: str, cmd: list[str], extra_env: dict | None = None) -> subprocess.Popen:
@@ -162,10 +207,12 @@ def up(state: Path, ports: str = "default", num_cpus: int | None = None) -> dict
         return proc
 
     try:
-        p = start("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port["s3"])])
+        server = Path(__file__).resolve().parent / "s3_server.py"
+        p = start(
+            "s3",
+            [sys.executable, str(server), str(state / "s3"), "--port", str(port["s3"]), "--bucket", BUCKET],
+        )
         _wait("the S3 server", lambda: _port_open(port["s3"]), p, logs / "s3.log")
-        req = urllib.request.Request(f"{urls['s3']}/{BUCKET}", method="PUT")
-        urllib.request.urlopen(req, timeout=10).read()  # create the bucket (moto needs no signature)
 
         p = start(
             "mlflow",
@@ -250,15 +297,35 @@ def down(state: Path, quiet: bool = False) -> None:
         print("local stack stopped")
 
 
+def shell_bin(name: str) -> str:
+    """This interpreter's ``name`` (python, ray, ...) as a shell at the repository root reaches it."""
+    path = Path(sys.executable).parent / name
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def stack_command(state: Path, verb: str) -> str:
+    """The command line that runs ``verb`` on this stack, pasteable at the repository root."""
+    cmd = f"{shell_bin('python')} infra/local/stack.py {verb}"
+    if Path(state).resolve() != default_state():
+        cmd += f" --state {shlex.quote(str(state))}"
+    return cmd
+
+
 def describe(info: dict) -> str:
     u = info["urls"]
+    env_cmd = stack_command(Path(info["state"]), "env")
     return "\n".join(
         [
-            f"  S3 (moto)        {u['s3']}   bucket s3://{info['bucket']}",
+            f"  S3 (localbucket) {u['s3']}   bucket s3://{info['bucket']}   (objects under {info['state']}/s3)",
             f"  MLflow UI        {u['mlflow']}",
-            f"  Ray dashboard    {u['dashboard']}   (jobs: ray job submit --address {u['dashboard']} ...)",
+            f"  Ray dashboard    {u['dashboard']}",
             f"  Serve endpoint   {u['serve']}",
             f"  logs             {info['state']}/logs",
+            f"  Ray token        {info['token']}",
+            f"  in a shell       eval \"$({env_cmd})\"   then e.g. {shell_bin('ray')} job list",
         ]
     )
 
@@ -292,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             print("stack: error: not running (python infra/local/stack.py up)", file=sys.stderr)
             return 1
         for k, v in stack_env(info).items():
-            print(f"export {k}={v}")
+            print(f"export {k}={shlex.quote(v)}")
     return 0
 
 

@@ -1,0 +1,34 @@
+"""bench/sample.py runs end to end on the CPU (the GPU benchmark's smoke test)."""
+
+import importlib.util
+from pathlib import Path
+
+
+def test_sampling_benchmark_smoke(capsys):
+    path = Path(__file__).resolve().parents[1] / "bench" / "sample.py"
+    spec = importlib.util.spec_from_file_location("bench_sample", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(
+        [
+            "--config",
+            "tiny-32-64",
+            "--steps",
+            "5",
+            "--solver-steps",
+            "3",
+            "--device",
+            "cpu",
+            "--batch",
+            "1",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--stub-text",
+        ]
+    )
+    assert [(r["sampler"], r["batch"]) for r in rows] == [("ddim", 1), ("ddim", 2), ("dpmpp_2m", 1)]
+    assert all(r["max_abs_diff"] == 0.0 for r in rows)  # on a CPU the fast path is the plain path
+    assert "speed-up" in capsys.readouterr().out
