@@ -46,7 +46,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (ZeRO 0-2)")
     p.add_argument("--no_overlap", action="store_true", help="deepspeed.overlap_comm=false")
-    p.add_argument("--bf16_weights", action="store_true", help="deepspeed.bf16_weights=true (DeepSpeed's bf16 mode)")
+    p.add_argument(
+        "--engine_autocast_off",
+        action="store_true",
+        help="the step before the fix: no torch_autocast section, so DeepSpeed runs the forward in fp32",
+    )
     p.add_argument("--grad_clip", type=float, default=2.0, help="train.grad_clip (0 disables)")
     p.add_argument("--sync_check", action="store_true", help="report where a step first syncs with the host")
     p.add_argument("--plain", action="store_true", help="also time bench/train_step.py's plain step (rank 0 alone)")
@@ -69,14 +73,17 @@ def main() -> None:
         mask = torch.zeros(1, c.max_text_tokens, dtype=torch.bool)
         mask[:, :2] = True  # an empty caption still has its start and end tokens
         null = Condition(torch.zeros(1, c.max_text_tokens, c.text_dim), mask)
+    if args.engine_autocast_off:
+        import mdm.zero
+
+        full = mdm.zero.deepspeed_config
+        mdm.zero.deepspeed_config = lambda *a, **k: {n: v for n, v in full(*a, **k).items() if n != "torch_autocast"}
     train = TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch, warmup_steps=0, grad_clip=args.grad_clip)
     trainer = ZeroTrainer(
         model,
         cfg,
         train,
-        ZeroConfig(
-            stage=args.stage, compile=args.compile, overlap_comm=not args.no_overlap, bf16_weights=args.bf16_weights
-        ),
+        ZeroConfig(stage=args.stage, compile=args.compile, overlap_comm=not args.no_overlap),
         null=null,
     )
     batch = make_batch(cfg, args.batch, device, seed=trainer.rank)  # on the device, as BenchStep's
@@ -114,7 +121,7 @@ def main() -> None:
         "zero_stage": args.stage,
         "compile": args.compile,
         "overlap_comm": not args.no_overlap,
-        "bf16_weights": args.bf16_weights,
+        "engine_autocast": not args.engine_autocast_off,
         "grad_clip": args.grad_clip,
         "world": world,
         "batch_per_gpu": args.batch,

@@ -51,9 +51,6 @@ class ZeroConfig:
     reduce_bucket_size: int = 50_000_000
     channels_last: bool = True  # on GPU: channels-last activations (weights stay contiguous)
     compile: bool = False  # torch.compile the model's forward (ZeRO 0-2; ZeRO-3's hooks break graphs)
-    # bf16 on GPU: False keeps fp32 weights and gradients under autocast; True is DeepSpeed's
-    # bf16 mode (bf16 weights and gradients, the fp32 master copy inside the optimizer).
-    bf16_weights: bool = False
 
     def validate(self) -> ZeroConfig:
         if self.stage not in (0, 1, 2, 3):
@@ -63,8 +60,16 @@ class ZeroConfig:
         return self
 
 
-def deepspeed_config(train: TrainConfig, zero: ZeroConfig, world_size: int, bf16_weights: bool = False) -> dict:
-    """The DeepSpeed JSON config of a stage (optimizer and schedule are passed as objects)."""
+def deepspeed_config(
+    train: TrainConfig, zero: ZeroConfig, world_size: int, autocast: torch.dtype | None = None
+) -> dict:
+    """The DeepSpeed JSON config of a stage (optimizer and schedule are passed as objects).
+
+    ``autocast``: the dtype of the step's ``torch.autocast``. DeepSpeed (0.16 and later)
+    switches an outer autocast *off* inside ``engine.forward`` unless its own
+    ``torch_autocast`` section is on, so without that section a "bf16" step silently runs
+    the whole forward in fp32.
+    """
     zero_opt: dict = {"stage": zero.stage}
     if zero.stage > 0:
         zero_opt.update(
@@ -74,7 +79,9 @@ def deepspeed_config(train: TrainConfig, zero: ZeroConfig, world_size: int, bf16
         )
     if zero.stage == 3:
         zero_opt.update(stage3_gather_16bit_weights_on_model_save=False)
-    extra = {"bf16": {"enabled": True}} if bf16_weights else {}
+    extra = {}
+    if autocast is not None:
+        extra["torch_autocast"] = {"enabled": True, "dtype": str(autocast).removeprefix("torch.")}
     return {
         **extra,
         "train_micro_batch_size_per_gpu": train.batch_size,
@@ -202,8 +209,7 @@ class ZeroTrainer:
             os.environ.setdefault("MASTER_PORT", "29511")
             deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
             self.rank, self.world = _rank_world()
-        bf16_weights = zero.bf16_weights and precision == "bf16"
-        ds_config = deepspeed_config(train, zero, self.world, bf16_weights)
+        ds_config = deepspeed_config(train, zero, self.world, self.autocast)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
         )
