@@ -306,27 +306,28 @@ def test_evaluate_job_help_documents_every_option():
         assert action.help, f"jobs/evaluate.py {action.option_strings} has no help text"
 
 
-def test_report_is_logged_to_an_mlflow_run(tmp_path):
-    mlflow = pytest.importorskip("mlflow")
+@pytest.mark.integration
+def test_report_is_logged_to_an_mlflow_run(mlflow_server, tmp_path):
+    """On the session's MLflow server (a private store set through ``set_tracking_uri`` would
+    leave the process pointing away from the server for every later test)."""
+    import mlflow
+
     from jobs.evaluate import log_to_mlflow, mlflow_run_for
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
-        client = mlflow.MlflowClient()
-        exp = client.create_experiment("eval", artifact_location=(tmp_path / "artifacts").as_uri())
-        run_id = client.create_run(exp).info.run_id
-        report = {
-            "metrics": {
-                "32": {"fid": 12.5, "kid_mean": 0.01, "caption_similarity": 0.5},
-                "64": {"fid": 20.0, "kid_mean": 0.02},
-            }
+    mlflow.set_tracking_uri(mlflow_server)
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment(f"eval-{tmp_path.name}")
+    run_id = client.create_run(exp).info.run_id
+    report = {
+        "metrics": {
+            "32": {"fid": 12.5, "kid_mean": 0.01, "caption_similarity": 0.5},
+            "64": {"fid": 20.0, "kid_mean": 0.02},
         }
-        assert mlflow_run_for(str(tmp_path), run_id) == run_id
-        assert mlflow_run_for(str(tmp_path), None) is None  # a folder model has no run of its own
-        log_to_mlflow(run_id, report)
-        metrics = client.get_run(run_id).data.metrics
-        assert metrics == {"fid_32": 12.5, "kid_32": 0.01, "caption_similarity_32": 0.5, "fid_64": 20.0, "kid_64": 0.02}
-        logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/evaluation/report.json")
-        assert logged == report
-    finally:
-        mlflow.set_tracking_uri(None)
+    }
+    assert mlflow_run_for(str(tmp_path), run_id) == run_id
+    assert mlflow_run_for(str(tmp_path), None) is None  # a folder model has no run of its own
+    log_to_mlflow(run_id, report)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics == {"fid_32": 12.5, "kid_32": 0.01, "caption_similarity_32": 0.5, "fid_64": 20.0, "kid_64": 0.02}
+    logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/evaluation/report.json")
+    assert logged == report

@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = "s3://jobs-shards/emoji-64-128"
 RUNS = "s3://jobs-runs/ci"
+MODEL = "mdm-jobs-test"  # its own registered model: the session's stack also holds the demo's "mdm"
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,7 @@ def common(name: str) -> list[str]:
         "train.warmup_steps": "2",
         "train.lr": "0.001",
         "mlflow.sample_steps": "3",
+        "mlflow.registered_model": MODEL,
     }
     return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
@@ -155,7 +157,7 @@ def test_stage_64_survives_a_killed_worker_then_registers(stack):
     ]
     assert resumed and resumed[0] >= 4 and resumed[0] % 4 == 0, logs[-5000:]
     assert "finished at step 24" in logs
-    assert "registered models:/mdm/1 as @stage-64" in logs
+    assert f"registered models:/{MODEL}/1 as @stage-64" in logs
 
     client_ml, run = mlflow_run("ci-64")
     history = client_ml.get_metric_history(run.info.run_id, "loss")
@@ -175,7 +177,7 @@ def test_resubmitting_the_run_name_resumes(stack):
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     assert "resumed from the checkpoint of step 24" in proc.stdout
     assert "step 25/28" in proc.stdout and "step 1/28" not in proc.stdout
-    assert "registered models:/mdm/2 as @stage-64" in proc.stdout
+    assert f"registered models:/{MODEL}/2 as @stage-64" in proc.stdout
 
 
 def test_stage_128_grows_the_registered_stage_64_under_zero3(stack, tmp_path):
@@ -189,7 +191,7 @@ def test_stage_128_grows_the_registered_stage_64_under_zero3(stack, tmp_path):
     from mdm.growth import inner_state_dict, state_fingerprint
     from mdm.storage import url_to_fs
 
-    stage64, _ = load_pretrained("models:/mdm@stage-64")
+    stage64, _ = load_pretrained(f"models:/{MODEL}@stage-64")
     args = common("ci-128") + [
         "--set", "model=tiny-64-128",
         "--set", "deepspeed.stage=3",
@@ -200,9 +202,9 @@ def test_stage_128_grows_the_registered_stage_64_under_zero3(stack, tmp_path):
     ]  # fmt: skip
     _, proc = submit(stack, "stage_128.py", args)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
-    assert "inner weights loaded exactly from models:/mdm@stage-64 (version 2)" in proc.stdout
+    assert f"inner weights loaded exactly from models:/{MODEL}@stage-64 (version 2)" in proc.stdout
     assert "ZeRO-3" in proc.stdout
-    assert "registered models:/mdm/3 as @stage-128" in proc.stdout
+    assert f"registered models:/{MODEL}/3 as @stage-128" in proc.stdout
 
     # the stage began from exactly the registered stage-64 weights
     _, run = mlflow_run("ci-128")
@@ -210,12 +212,12 @@ def test_stage_128_grows_the_registered_stage_64_under_zero3(stack, tmp_path):
 
     # both aliases live in the registry
     reg = MlflowClient()
-    assert reg.get_model_version_by_alias("mdm", "stage-64").version == "2"
-    assert reg.get_model_version_by_alias("mdm", "stage-128").version == "3"
+    assert reg.get_model_version_by_alias(MODEL, "stage-64").version == "2"
+    assert reg.get_model_version_by_alias(MODEL, "stage-128").version == "3"
 
     # the exported EMA (decay 0: the weights themselves), gathered from ZeRO-3 shards, equals
     # DeepSpeed's own consolidation of the final checkpoint
-    model128, cfg128 = load_pretrained("models:/mdm@stage-128")
+    model128, cfg128 = load_pretrained(f"models:/{MODEL}@stage-128")
     assert cfg128.model.resolutions == [64, 128]
     fs, path = url_to_fs(f"{RUNS}/ci-128/step_00000004")
     local = tmp_path / "ckpt"
@@ -227,7 +229,7 @@ def test_stage_128_grows_the_registered_stage_64_under_zero3(stack, tmp_path):
         torch.testing.assert_close(exported[k], v.float(), rtol=0, atol=0, msg=k)
 
     # and the registered version generates through its pyfunc flavour
-    pm = mlflow.pyfunc.load_model("models:/mdm@stage-128")
+    pm = mlflow.pyfunc.load_model(f"models:/{MODEL}@stage-128")
     out = pm.predict(pd.DataFrame({"prompt": ["fox face, noto style"], "seed": [1]}), params={"steps": 3})
     assert Image.open(io.BytesIO(out["image"][0])).size == (128, 128)
 

@@ -1,4 +1,4 @@
-"""Weights from object storage: a real S3-protocol server (moto) on loopback."""
+"""Weights from object storage: the local stack's S3-protocol server on loopback."""
 
 import pytest
 import torch

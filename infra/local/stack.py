@@ -45,7 +45,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "ray": 6379, "dashboard": 8265, "serve": 8000}
+DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "ray": 6379, "dashboard": 8265, "agent": 52365, "serve": 8000}
 BUCKET = "mdm"
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "mdm-local",
@@ -246,15 +246,18 @@ def up(state: Path, ports: str = "default", num_cpus: int | None = None) -> dict
             "--node-ip-address", "127.0.0.1",
             "--port", str(port["ray"]),
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(port["dashboard"]),
+            "--dashboard-agent-listen-port", str(port["agent"]),
             "--include-dashboard", "true", "--disable-usage-stats",
             "--temp-dir", str(Path(tempfile.gettempdir()) / f"ray-mdm-{port['ray']}"),
         ]  # fmt: skip
         if num_cpus:
             cmd += ["--num-cpus", str(num_cpus)]
         p = start("ray", cmd, ray_env)
+        # ready for `ray job submit` once the dashboard answers and the head's job agent
+        # listens (a submission before that fails with "No available agent")
         _wait(
             "the Ray head",
-            lambda: _http_ok(f"{urls['dashboard']}/api/version", any_status=True),
+            lambda: _http_ok(f"{urls['dashboard']}/api/version", any_status=True) and _port_open(port["agent"]),
             p,
             logs / "ray.log",
             240,
