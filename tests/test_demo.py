@@ -53,7 +53,16 @@ def test_demo_end_to_end_on_the_local_stack(local_stack, tmp_path):
     for key in [k for k in env if k.startswith(("RAY_", "MLFLOW_", "AWS_"))]:
         env.pop(key)  # the demo takes every address and the token from the stack itself
     cmd = [sys.executable, "infra/local/demo.py", "--quick", "--state", str(state), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    finally:  # the demo leaves its endpoint up for the user; later tests start Serve their own way
+        serve_cli = str(Path(sys.executable).parent / "serve")
+        subprocess.run(
+            [serve_cli, "shutdown", "-y", "--address", local_stack["urls"]["dashboard"]],
+            env=os.environ,
+            capture_output=True,
+            timeout=300,
+        )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     for step in range(1, 7):
