@@ -246,7 +246,10 @@ def test_generate_several_or_all_resolutions_is_json(server):
         assert Image.open(io.BytesIO(base64.b64decode(im["png"]))).size == (im["resolution"], im["resolution"])
     two = generate(server, prompt=P[1], num_images=2, seed=10, resolution=32, negative_prompt=P[0]).json()["images"]
     assert [(im["seed"], im["resolution"]) for im in two] == [(10, 32), (11, 32)]
-    assert two[0]["png"] == images[0]["png"]  # the same seeds in the same call shape: byte-identical
+    # the same seed in a call of another batch size: the same noise, so the same image up to
+    # float rounding (at most one level of 255; a different noise moves pixels by far more)
+    a, b = (np.asarray(Image.open(io.BytesIO(base64.b64decode(x["png"])))).astype(int) for x in (two[0], images[0]))
+    assert np.abs(a - b).max() <= 1
 
 
 @pytest.mark.integration
