@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 ## The main job on the embedded default: start the local stack (S3 server, MLflow server,
 ## Ray head), build the emoji raw set, preprocess it, train stage 64 and stage 128 as Ray
 ## jobs (Ray Train + DeepSpeed), serve stage 128 over HTTP and save generated images and a
-## grid to $(OUT). Roughly 15-20 minutes on 2 CPU cores (--quick: 5). `make stack-down` stops the stack.
+## grid to $(OUT). About 11 minutes on 2 CPU cores (--quick: 5). `make stack-down` stops the stack.
 demo: setup emoji-packages
 	$(PY) infra/local/demo.py --out $(OUT)
 

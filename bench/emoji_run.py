@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The emoji run of docs/RESULTS.md on one GPU, and the paper's claim at equal GPU time.
+"""The emoji run on one GPU (stage 64 -> stage 128), and the paper's claim at equal GPU time.
 
     python bench/emoji_run.py --data packed/ --out runs/emoji --phase all --seconds 150
 

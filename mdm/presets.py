@@ -10,8 +10,8 @@ validated :class:`~mdm.config.MDMConfig`.
 - ``64-128``, ``64-128-256``: ratio-2 chain, a light conv shell per stage (p = 1).
 - ``64-256``, ``64-256-1024``: the paper's ratio-4 chain (p = 1 for 64->256, p = 2 for 1024),
   the 256 shell as in the reference cc12m_256x256 config.
-- ``small-64``, ``small-64-128``: a ~40M-parameter chain that trains in minutes on one GPU
-  (the emoji runs of docs/RESULTS.md); ``small-128`` is their single-resolution baseline of
+- ``small-64``, ``small-64-128``: a ~70M-parameter chain that trains in minutes on one GPU
+  (``bench/emoji_run.py``); ``small-128`` is their single-resolution baseline of
   about the same size (the paper's comparison).
 - ``tiny-32``, ``tiny-32-64``, ``tiny-64``, ``tiny-64-128``: a few hundred thousand
   parameters, train on CPU in seconds.
@@ -115,7 +115,7 @@ def _tiny_shell() -> UNetConfig:
 
 
 def _small_inner() -> UNetConfig:
-    """The single-GPU 64 px inner net of the emoji runs (docs/RESULTS.md): ~40M parameters,
+    """The single-GPU 64 px inner net of the emoji runs (``bench/emoji_run.py``): ~69M parameters,
     attention at 32 and 16 px."""
     return UNetConfig(
         channels=[128, 256, 384],
