@@ -94,14 +94,18 @@ class MultiResolutionDiffusion:
             out.append(_bcast(a, x) * x + _bcast(s, x) * n)
         return out
 
-    def target(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, index: int) -> torch.Tensor:
-        p = self.config.prediction
-        if p == "eps":
-            return noise
-        if p == "x0":
+    def quantity(self, space: str, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, index: int) -> torch.Tensor:
+        """eps, x0 or ``v = alpha eps - sigma x0`` of resolution ``index`` from (x0, eps)."""
+        if space == "eps":
+            return eps
+        if space == "x0":
             return x
         a, s = self.schedule.alpha_sigma(t, index)
-        return _bcast(a, x) * noise - _bcast(s, x) * x
+        return _bcast(a, x) * eps - _bcast(s, x) * x
+
+    def target(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, index: int) -> torch.Tensor:
+        """What the network is trained to predict (``config.prediction``)."""
+        return self.quantity(self.config.prediction, x, noise, t, index)
 
     def to_x0_eps(
         self, z: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, index: int
@@ -123,22 +127,11 @@ class MultiResolutionDiffusion:
         if space == self.config.prediction:
             return pred
         x0, eps = self.to_x0_eps(z, pred, t, index)
-        if space == "x0":
-            return x0
-        if space == "eps":
-            return eps
-        a, s = self.schedule.alpha_sigma(t, index)
-        return _bcast(a, x0) * eps - _bcast(s, x0) * x0
+        return self.quantity(space, x0, eps, t, index)
 
     def loss_target(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, index: int) -> torch.Tensor:
         """The true value of the ``config.loss_target`` quantity (eps, x0 or v)."""
-        space = self.config.loss_target
-        if space == "eps":
-            return noise
-        if space == "x0":
-            return x
-        a, s = self.schedule.alpha_sigma(t, index)
-        return _bcast(a, x) * noise - _bcast(s, x) * x
+        return self.quantity(self.config.loss_target, x, noise, t, index)
 
     def top_batch(self, batch: int) -> int:
         """How many samples (the first ones) the top resolution trains on: ``mixed_ratio * B``, at least 1."""
