@@ -92,7 +92,8 @@ class Handler(S3Handler):
             parent = parent.parent
 
     def _marker_path(self, bucket: str, key: str) -> Path:
-        return self._object_path(bucket, key.rstrip("/") or ".invalid/")
+        """The folder a marker key ``a/b/`` stands for (the bare ``/`` is refused as a key)."""
+        return self._object_path(bucket, key.rstrip("/") or key)
 
     # folder markers -------------------------------------------------------------------
     def _put(self, bucket: str, key: str):
