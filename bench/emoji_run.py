@@ -42,9 +42,7 @@ from mdm.data import make_grid  # noqa: E402
 from mdm.training import Batch, TrainConfig  # noqa: E402
 from mdm.unet import Condition  # noqa: E402
 from mdm.zero import ZeroConfig, ZeroTrainer  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pack_shards import pool  # noqa: E402
+from pipelines.preprocess import average_pool  # noqa: E402
 
 GRID_PROMPTS = 8
 SEEDS = {"stage64": 1, "stage128": 2, "baseline128": 3}
@@ -77,7 +75,7 @@ class GPUSet:
                 raise FileNotFoundError(f"{name} is in none of {[str(d) for d in data]}")
             chunks.append(np.frombuffer(lzma.decompress(path.read_bytes()), dtype=np.uint8))
         top = np.concatenate(chunks).reshape(n, res[-1], res[-1], 3)[:keep]
-        self.pixels = {r: torch.from_numpy(pool(top, r) if r != res[-1] else top.copy()) for r in res}
+        self.pixels = {r: torch.from_numpy(average_pool(top, r) if r != res[-1] else top.copy()) for r in res}
         self.pixels = {r: x.to(device).permute(0, 3, 1, 2) for r, x in self.pixels.items()}
         n = keep
         tokens, masks = [], []

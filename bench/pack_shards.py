@@ -10,7 +10,7 @@ are ~150 MB, its top-resolution pixels xz-compressed ~40 MB. For each split this
 uint8 pixels of the top column exactly as the shards hold them (lossless, rows sorted by
 key). The lower columns are ``D_r`` of the top (``pipelines.preprocess``: the mean of each
 k x k block, rounded half to even, exact in float32), so they are not carried:
-:func:`pool` rebuilds them, and packing checks that it gives every lower column bit for bit.
+:func:`pipelines.preprocess.average_pool` rebuilds them, and packing checks that it gives every lower column bit for bit.
 """
 
 from __future__ import annotations
@@ -27,14 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.preprocess import average_pool  # noqa: E402
 from pipelines.reader import read_manifest  # noqa: E402
-
-
-def pool(top: np.ndarray, r: int) -> np.ndarray:
-    """``D_r`` of uint8 (N, R, R, 3) images as preprocessing computes it."""
-    n, big = top.shape[0], top.shape[1]
-    k = big // r
-    return np.rint(top.astype(np.float32).reshape(n, r, k, r, k, 3).mean(axis=(2, 4))).astype(np.uint8)
 
 
 def pack(shards: str, split: str, out: Path, parts: int = 1) -> dict:
@@ -58,7 +52,7 @@ def pack(shards: str, split: str, out: Path, parts: int = 1) -> dict:
 
     top = column(res[-1])
     for r in res[:-1]:
-        if not np.array_equal(pool(top, r), column(r)):
+        if not np.array_equal(average_pool(top, r), column(r)):
             raise SystemExit(f"image_{r} is not D_r of image_{res[-1]} in {root}: pack every column instead")
     bounds = np.linspace(0, len(top), parts + 1).round().astype(int)
     meta["parts"] = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -157,15 +157,18 @@ def process_image(data: bytes, cfg: PreprocessConfig) -> tuple[dict[str, Any] | 
         "source_width": w,
         "source_height": h,
     }
-    f32 = arr.astype(np.float32)
     for r in cfg.resolutions:
-        if r == top:
-            small = arr
-        else:
-            k = top // r
-            small = np.rint(f32.reshape(r, k, r, k, 3).mean(axis=(1, 3))).astype(np.uint8)
-        out[f"image_{r}"] = _encode(small, cfg)
+        out[f"image_{r}"] = _encode(arr if r == top else average_pool(arr, r), cfg)
     return out, None
+
+
+def average_pool(images: np.ndarray, r: int) -> np.ndarray:
+    """``D_r`` of uint8 images (..., R, R, 3): the mean of each k x k block (k = R / r),
+    rounded half to even; exact in float32, so every consumer gets the same bytes."""
+    big = images.shape[-3]
+    k = big // r
+    blocks = images.astype(np.float32).reshape(*images.shape[:-3], r, k, r, k, 3)
+    return np.rint(blocks.mean(axis=(-4, -2))).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- Ray parts
