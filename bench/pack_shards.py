@@ -28,7 +28,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.preprocess import average_pool  # noqa: E402
-from pipelines.reader import read_manifest  # noqa: E402
+from pipelines.reader import read_manifest, shard_files  # noqa: E402
+from pipelines.storage import arrow_fs  # noqa: E402
 
 
 def pack(shards: str, split: str, out: Path, parts: int = 1) -> dict:
@@ -37,7 +38,10 @@ def pack(shards: str, split: str, out: Path, parts: int = 1) -> dict:
     root = f"{shards.rstrip('/')}/{split}"
     manifest = read_manifest(root)
     res = manifest["resolutions"]
-    table = ds.dataset(root, format="parquet").to_table(columns=["key", "caption", *[f"image_{r}" for r in res]])
+    fs, _ = arrow_fs(root)
+    table = ds.dataset(shard_files(root, manifest), filesystem=fs, format="parquet").to_table(
+        columns=["key", "caption", *[f"image_{r}" for r in res]]
+    )
     table = table.sort_by("key")
     meta = {
         "split": split,
@@ -47,6 +51,7 @@ def pack(shards: str, split: str, out: Path, parts: int = 1) -> dict:
         "captions": table["caption"].to_pylist(),
         "manifest": manifest,
     }
+
     def column(r: int) -> np.ndarray:
         return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in table[f"image_{r}"].to_pylist()])
 

@@ -66,7 +66,7 @@ def read_heldout(
     import pyarrow.dataset as pads
     from PIL import Image
 
-    from pipelines.reader import read_manifest
+    from pipelines.reader import read_manifest, shard_files
     from pipelines.storage import arrow_fs
 
     manifest = read_manifest(uri)
@@ -77,8 +77,8 @@ def read_heldout(
             f"{uri} holds resolutions {manifest['resolutions']}, not the model's top resolution {top}; "
             f"preprocess the held-out images with --resolutions including {top}"
         )
-    fs, path = arrow_fs(uri)
-    ds = pads.dataset(path, filesystem=fs, format="parquet")
+    fs, _ = arrow_fs(uri)
+    ds = pads.dataset(shard_files(uri, manifest), filesystem=fs, format="parquet")
     keys = ds.to_table(columns=["key"]).column("key").to_pylist()
     if not keys:
         raise ValueError(f"{uri} has no rows")

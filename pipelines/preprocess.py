@@ -8,7 +8,14 @@ into ``image_<R>``. The key is a content hash of the top image, so duplicates (e
 re-encoded ones) are written once. Streaming end to end: Ray Data reads, transforms and
 writes block by block; one small actor counts rows and remembers keys.
 
-Every row read is accounted for: ``rows_read = rows + sum(skipped.values())``.
+Every row is accounted for: ``rows_listed = rows_read = rows + sum(skipped.values())``
+(``rows_listed`` where the source knows it before reading), checked against the rows in the
+written files before anything is published.
+
+Publishing: a run writes its shards into a fresh folder ``<out>/run-<id>/``; only when they
+are all written and counted does ``<out>/_manifest.json`` (which names them) replace the
+previous one, in one step; the files the previous manifest named are removed after that. A
+run that fails leaves the previous shard set published and untouched.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import hashlib
 import io
 import json
 import time
+import uuid
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -27,10 +35,12 @@ from PIL import Image, ImageOps
 
 from mdm.storage import url_to_fs
 
-from .storage import arrow_fs, join
+from .storage import arrow_fs, join, write_atomic
 
 __all__ = [
     "PreprocessConfig",
+    "PreprocessError",
+    "check_out",
     "process_image",
     "preprocess",
     "SCHEMA_VERSION",
@@ -40,7 +50,9 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 MANIFEST = "_manifest.json"
+RUN_PREFIX = "run-"  # shards of one run: <out>/run-<UTC time>-<random>/
 SKIP_REASONS = (
+    "read_error",
     "empty_file",
     "undecodable",
     "truncated",
@@ -67,6 +79,7 @@ class PreprocessConfig:
     shard_rows: int = 1024  # rows per Parquet file (at least)
     text_encoder: str | None = None  # precompute text_emb with this frozen encoder
     max_text_tokens: int = 64
+    max_read_errors: int = 0  # rows whose bytes cannot be read (after retries) before the run fails
 
     def __post_init__(self) -> None:
         self.resolutions = sorted(int(r) for r in self.resolutions)
@@ -82,10 +95,17 @@ class PreprocessConfig:
             raise ValueError("max_aspect: must be >= 1")
         if self.shard_rows < 1:
             raise ValueError("shard_rows: must be >= 1")
+        if self.max_read_errors < 0:
+            raise ValueError("max_read_errors: must be >= 0")
 
     @property
     def top(self) -> int:
         return self.resolutions[-1]
+
+
+class PreprocessError(RuntimeError):
+    """The run did not publish: its input overlaps its output, too many rows could not be
+    read, or the rows do not add up. The previous shard set at ``--out`` is unchanged."""
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -179,36 +199,48 @@ def _stats_actor():
 
     @ray.remote(num_cpus=0)
     class PreprocessStats:
-        """Counts rows and remembers content keys (16 bytes each) for deduplication."""
+        """Deduplication and the row counts, idempotent per source row.
+
+        Each content key remembers the source row that first claimed it, and each source row
+        its outcome; a retried task reports the same rows again and gets the same answers, so
+        nothing is counted twice and no row becomes a duplicate of itself. About 100 bytes
+        per row."""
 
         def __init__(self) -> None:
-            self.seen: set[str] = set()
-            self.read = 0
-            self.written = 0
-            self.skipped: Counter = Counter()
-            self.captions_missing = 0
+            self.owner: dict[bytes, bytes] = {}  # content key -> source row that claimed it
+            self.outcome: dict[bytes, str] = {}  # source row -> "" (written) or a skip reason
+            self.notes: dict[bytes, tuple[str, ...]] = {}  # source row -> notes, when it has any
+            self.read_errors: dict[str, str] = {}  # a few examples: source -> error
 
-        def admit(self, keys: list[str], n_read: int, skipped: dict[str, int], captions_missing: int) -> list[bool]:
-            self.read += n_read
-            self.skipped.update(skipped)
-            self.captions_missing += captions_missing
+        def admit(self, rows: list[tuple[str, str | None, str | None, tuple[str, ...], str]]) -> list[bool]:
+            """``rows``: (source, key or None, skip reason or None, notes, read error) each;
+            returns, for every row with a key, whether this row is the one to write."""
             mask = []
-            for k in keys:
-                new = k not in self.seen
-                if new:
-                    self.seen.add(k)
-                    self.written += 1
+            for source, key, reason, notes, error in rows:
+                row = hashlib.blake2b(source.encode("utf-8", "surrogatepass"), digest_size=12).digest()
+                if key is not None:
+                    new = self.owner.setdefault(bytes.fromhex(key), row) == row
+                    reason = None if new else "duplicate"
+                    mask.append(new)
+                self.outcome[row] = reason or ""
+                if notes:
+                    self.notes[row] = tuple(notes)
                 else:
-                    self.skipped["duplicate"] += 1
-                mask.append(new)
+                    self.notes.pop(row, None)
+                if error and len(self.read_errors) < 10:
+                    self.read_errors[source] = error
             return mask
 
         def snapshot(self) -> dict:
+            outcomes = Counter(self.outcome.values())
+            notes = Counter(n for ns in self.notes.values() for n in ns)
             return {
-                "rows_read": self.read,
-                "rows": self.written,
-                "skipped": dict(self.skipped),
-                "captions_missing": self.captions_missing,
+                "rows_read": len(self.outcome),
+                "rows": outcomes.pop("", 0),
+                "skipped": dict(outcomes),
+                "captions_missing": notes.pop("caption_missing", 0),
+                "row_notes": dict(notes),
+                "read_errors": dict(self.read_errors),
             }
 
     return PreprocessStats.remote()
@@ -217,35 +249,44 @@ def _stats_actor():
 def _process_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, stats: Any) -> dict[str, np.ndarray]:
     import ray
 
+    n = len(batch["image"])
+    blank = np.array([""] * n, dtype=object)
+    read_errors, source_notes = batch.get("read_error", blank), batch.get("note", blank)
     cols: dict[str, list] = {"key": [], "caption": [], "label": [], "source_width": [], "source_height": []}
     for r in cfg.resolutions:
         cols[f"image_{r}"] = []
-    skipped: Counter = Counter()
-    missing = 0
-    for data, caption, label in zip(batch["image"], batch["caption"], batch["label"]):
+    report, outputs = [], []
+    for source, data, caption, label, error, note in zip(
+        batch["source"], batch["image"], batch["caption"], batch["label"], read_errors, source_notes
+    ):
+        notes = [str(note)] if note else []
+        out, reason = None, None
         caption = "" if caption is None else str(caption)
-        if not caption.strip():
-            if cfg.require_captions:
-                skipped["missing_caption"] += 1
-                continue
-            missing += 1
-        out, reason = process_image(bytes(data) if data is not None else b"", cfg)
-        if out is None:
-            skipped[reason] += 1
+        if error:
+            reason = "read_error"
+        elif not caption.strip() and cfg.require_captions:
+            reason = "missing_caption"
+        else:
+            if not caption.strip():
+                notes.append("caption_missing")
+            out, reason = process_image(bytes(data) if data is not None else b"", cfg)
+        report.append((str(source), out["key"] if out else None, reason, tuple(notes), str(error or "")))
+        if out is not None:
+            outputs.append((out, caption, int(label)))
+    keep = ray.get(stats.admit.remote(report))
+    for (out, caption, label), k in zip(outputs, keep):
+        if not k:
             continue
-        for k, v in out.items():
-            cols[k].append(v)
+        for name, v in out.items():
+            cols[name].append(v)
         cols["caption"].append(caption)
-        cols["label"].append(int(label))
-    keep = ray.get(stats.admit.remote(cols["key"], len(batch["image"]), dict(skipped), missing))
-    idx = [i for i, k in enumerate(keep) if k]
+        cols["label"].append(label)
     result = {}
     for name, values in cols.items():
-        vals = [values[i] for i in idx]
         if name in ("label", "source_width", "source_height"):
-            result[name] = np.array(vals, dtype=np.int64)
+            result[name] = np.array(values, dtype=np.int64)
         else:
-            result[name] = np.array(vals, dtype=object)
+            result[name] = np.array(values, dtype=object)
     return result
 
 
@@ -271,51 +312,134 @@ class _TextEmbedder:
         return batch
 
 
-def _clear_previous(out_uri: str) -> int:
-    """Remove shards and manifest of an earlier run at ``out_uri`` (re-running is safe)."""
-    fs, path = url_to_fs(out_uri)
-    removed = 0
-    if fs.exists(path):
-        for f in fs.find(path):
-            if f.endswith(".parquet") or f.endswith(MANIFEST):
-                fs.rm(f)
-                removed += 1
-    return removed
+def check_out(source_uri: str, out_uri: str) -> None:
+    """Refuse an ``out_uri`` that is ``source_uri``, lies inside it or holds it."""
+    from .storage import uris_overlap
+
+    if uris_overlap(source_uri, out_uri):
+        raise PreprocessError(
+            f"--out {out_uri} overlaps --source {source_uri} (the same folder, or one inside the other): "
+            "a run would write its shards among the raw files it reads. Choose an --out outside the source, "
+            "e.g. a sibling folder."
+        )
+
+
+def _previous_files(fs: Any, path: str) -> list[str]:
+    """The files the published manifest at ``path`` names (removed once a new one is published)."""
+    mpath = join(path, MANIFEST)
+    fs.invalidate_cache(path)
+    if not fs.exists(mpath):
+        return []
+    try:
+        with fs.open(mpath, "r") as f:
+            files = json.load(f).get("files") or []
+    except (ValueError, AttributeError) as e:
+        raise PreprocessError(f"{mpath} is not a shard manifest ({e}); move it away or choose another --out") from e
+    return [f for f in files if isinstance(f, str) and _safe_relative(f)]
+
+
+def _safe_relative(name: str) -> bool:
+    return bool(name) and not name.startswith("/") and ".." not in name.split("/")
+
+
+def _remove(fs: Any, paths: list[str]) -> list[str]:
+    """Remove files one by one (S3 servers without bulk delete too); the ones that failed."""
+    failed = []
+    for p in paths:
+        try:
+            fs.rm_file(p)
+        except FileNotFoundError:
+            pass
+        except Exception:  # noqa: BLE001 - left behind, reported by the caller
+            failed.append(p)
+    return failed
+
+
+def _remove_run_folder(fs: Any, run_path: str) -> None:
+    """Remove what a failed run wrote into its own folder (nothing else is touched)."""
+    try:
+        fs.invalidate_cache(run_path)
+        files = fs.find(run_path) if fs.exists(run_path) else []
+    except Exception:  # noqa: BLE001
+        return
+    _remove(fs, files)
+    try:
+        fs.rmdir(run_path)
+    except Exception:  # noqa: BLE001 - object stores have no folders
+        pass
+
+
+def _rows_in_files(paths: list[str], out_uri: str) -> int:
+    import pyarrow.parquet as pq
+
+    afs, _ = arrow_fs(out_uri)
+    return sum(pq.read_metadata(p, filesystem=afs).num_rows for p in paths)
 
 
 def preprocess(source, out_uri: str, cfg: PreprocessConfig, progress: bool = True) -> dict:
     """Run the whole pipeline: ``source`` (a :class:`pipelines.sources.Source`) -> shards +
-    manifest at ``out_uri``. Returns the manifest."""
+    manifest at ``out_uri``. Returns the manifest.
+
+    Raises :class:`PreprocessError`, publishing nothing, when ``out_uri`` overlaps the
+    source, when more than ``cfg.max_read_errors`` rows cannot be read, or when the rows do
+    not add up; the shard set published before stays as it was."""
     import ray
     import ray.data
 
+    check_out(source.uri, out_uri)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     started = time.time()
-    removed = _clear_previous(out_uri)
-    stats = _stats_actor()
-    ds = source.dataset.map_batches(_process_batch, batch_size=16, fn_kwargs={"cfg": cfg, "stats": stats})
-    if cfg.text_encoder:
-        ds = ds.map_batches(
-            _TextEmbedder,
-            batch_size=64,
-            concurrency=1,
-            fn_constructor_kwargs={"name": cfg.text_encoder, "max_tokens": cfg.max_text_tokens},
-        )
-    fs, path = arrow_fs(out_uri)
-    fs.create_dir(path, recursive=True)
-    # Image columns are PNG/WebP already: Parquet compression would only burn CPU on them.
-    ds.write_parquet(
-        path, filesystem=fs, min_rows_per_file=cfg.shard_rows, max_rows_per_file=cfg.shard_rows, compression="none"
-    )
-    snap = ray.get(stats.snapshot.remote())
-    ray.kill(stats)
-    for reason, n in source.skipped.items():
-        snap["skipped"][reason] = snap["skipped"].get(reason, 0) + n
-        snap["rows_read"] += n
     lfs, lpath = url_to_fs(out_uri)
-    files = sorted(f.rsplit("/", 1)[-1] for f in lfs.find(lpath) if f.endswith(".parquet"))
-    manifest = {
+    previous = _previous_files(lfs, lpath)
+    run = f"{RUN_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    run_path = join(lpath, run)
+    stats = _stats_actor()
+    try:
+        ds = source.dataset.map_batches(_process_batch, batch_size=16, fn_kwargs={"cfg": cfg, "stats": stats})
+        if cfg.text_encoder:
+            ds = ds.map_batches(
+                _TextEmbedder,
+                batch_size=64,
+                concurrency=1,
+                fn_constructor_kwargs={"name": cfg.text_encoder, "max_tokens": cfg.max_text_tokens},
+            )
+        fs, path = arrow_fs(out_uri)
+        fs.create_dir(join(path, run), recursive=True)
+        # Image columns are PNG/WebP already: Parquet compression would only burn CPU on them.
+        ds.write_parquet(
+            join(path, run),
+            filesystem=fs,
+            min_rows_per_file=cfg.shard_rows,
+            max_rows_per_file=cfg.shard_rows,
+            compression="none",
+        )
+        snap = ray.get(stats.snapshot.remote())
+        lfs.invalidate_cache(run_path)
+        written = sorted(f for f in lfs.find(run_path) if f.endswith(".parquet")) if lfs.exists(run_path) else []
+        files = [f"{run}/{f.rsplit('/', 1)[-1]}" for f in written]
+        manifest = _manifest(source, cfg, snap, files, previous, started)
+        _check_counts(manifest, _rows_in_files([join(path, f) for f in files], out_uri), out_uri)
+    except BaseException:
+        _remove_run_folder(lfs, run_path)
+        raise
+    finally:
+        ray.kill(stats)
+    write_atomic(lfs, join(lpath, MANIFEST), json.dumps(manifest, indent=2).encode())
+    left = _remove(lfs, [join(lpath, f) for f in previous if f not in files])
+    if left:
+        warnings.warn(
+            f"published {out_uri}, but could not remove {len(left)} old shard file(s), e.g. {left[0]}", stacklevel=2
+        )
+    return manifest
+
+
+def _manifest(source, cfg: PreprocessConfig, snap: dict, files: list[str], previous: list[str], started: float) -> dict:
+    skipped = Counter(snap["skipped"])
+    skipped.update(source.skipped)
+    rows_read = snap["rows_read"] + sum(source.skipped.values())
+    listed = None if source.listed is None else source.listed + sum(source.skipped.values())
+    return {
         "schema_version": SCHEMA_VERSION,
         "resolutions": cfg.resolutions,
         "columns": ["key", "caption", "label", "source_width", "source_height"]
@@ -323,19 +447,43 @@ def preprocess(source, out_uri: str, cfg: PreprocessConfig, progress: bool = Tru
         + (["text_emb", "text_len"] if cfg.text_encoder else []),
         "encoding": cfg.encoding,
         "rows": snap["rows"],
-        "rows_read": snap["rows_read"],
-        "skipped": dict(sorted(snap["skipped"].items())),
+        "rows_listed": listed,
+        "rows_read": rows_read,
+        "skipped": dict(sorted(skipped.items())),
         "captions_missing": snap["captions_missing"],
+        "row_notes": dict(sorted(snap["row_notes"].items())),  # kept rows with a metadata problem
+        "read_errors": snap["read_errors"],  # examples, source -> error
         "source": {"uri": source.uri, "kind": source.kind},
         "files": files,
         "text_encoder": ({"name": cfg.text_encoder, "max_tokens": cfg.max_text_tokens} if cfg.text_encoder else None),
         "config": asdict(cfg),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - started, 2),
-        "replaced_files": removed,
+        "replaced_files": len(previous),
     }
-    if manifest["rows_read"] != manifest["rows"] + sum(manifest["skipped"].values()):
-        raise RuntimeError(f"row accounting broke: {manifest}")  # never expected; refuse to write a wrong manifest
-    with lfs.open(join(lpath, MANIFEST), "w") as f:
-        f.write(json.dumps(manifest, indent=2))
-    return manifest
+
+
+def _check_counts(manifest: dict, rows_in_files: int, out_uri: str) -> None:
+    """Refuse to publish a run whose rows do not add up or that could not read its input."""
+    read, rows, listed = manifest["rows_read"], manifest["rows"], manifest["rows_listed"]
+    skipped = sum(manifest["skipped"].values())
+    problems = []
+    if listed is not None and listed != read:
+        problems.append(f"the source listed {listed} rows but {read} were read")
+    if read != rows + skipped:
+        problems.append(f"{read} rows read but {rows} written + {skipped} skipped")
+    if rows_in_files != rows:
+        problems.append(f"{rows} rows counted as written but the files hold {rows_in_files}")
+    if problems:
+        raise PreprocessError(
+            f"row accounting failed ({'; '.join(problems)}); nothing was published at {out_uri}, "
+            "its previous shards are unchanged. This is a bug or a source that changed while it was read: re-run."
+        )
+    errors = manifest["skipped"].get("read_error", 0)
+    if errors > manifest["config"]["max_read_errors"]:
+        examples = "; ".join(f"{v}" for v in list(manifest["read_errors"].values())[:3])
+        raise PreprocessError(
+            f"{errors} row(s) could not be read after retries (allowed: --max_read_errors "
+            f"{manifest['config']['max_read_errors']}), e.g. {examples}. Nothing was published at {out_uri}, "
+            "its previous shards are unchanged; fix the storage or allow the errors with --max_read_errors."
+        )

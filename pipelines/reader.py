@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +25,7 @@ from mdm.storage import url_to_fs
 from .preprocess import MANIFEST, SCHEMA_VERSION
 from .storage import arrow_fs, join
 
-__all__ = ["read_manifest", "open_shards", "iter_training_batches", "to_tensors"]
+__all__ = ["read_manifest", "shard_files", "open_shards", "iter_training_batches", "to_tensors"]
 
 
 def read_manifest(uri: str) -> dict:
@@ -42,6 +43,37 @@ def read_manifest(uri: str) -> dict:
     return manifest
 
 
+def shard_files(uri: str, manifest: dict | None = None) -> list[str]:
+    """The paths (inside the filesystem of :func:`pipelines.storage.arrow_fs`) of exactly the
+    Parquet files the manifest at ``uri`` names: files beside them that it does not name (an
+    unfinished run's, anybody else's) are never read. Raises if one it names is missing."""
+    manifest = manifest if manifest is not None else read_manifest(uri)
+    names = manifest.get("files")
+    if not isinstance(names, list) or not names:
+        raise ValueError(
+            f"{uri}/{MANIFEST} names no shard files: it was written by another tool or an older version; "
+            f"re-run jobs/preprocess.py --out {uri}"
+        )
+    bad = [n for n in names if not isinstance(n, str) or not n or n.startswith("/") or ".." in n.split("/")]
+    if bad:
+        raise ValueError(f"{uri}/{MANIFEST} names files outside its folder: {bad[:3]}")
+    fs, path = url_to_fs(uri)
+    present: set[str] = set()
+    for folder in sorted({posixpath.dirname(n) for n in names}):
+        where = join(path, folder) if folder else path
+        fs.invalidate_cache(where)
+        if fs.exists(where):
+            present.update(fs.find(where, maxdepth=None if folder else 1))
+    missing = [n for n in names if join(path, n) not in present]
+    if missing:
+        raise FileNotFoundError(
+            f"{uri}: {len(missing)} shard file(s) its {MANIFEST} names are missing, e.g. {missing[0]}; "
+            f"the shard set was damaged: re-run jobs/preprocess.py --out {uri}"
+        )
+    _, apath = arrow_fs(uri)
+    return [join(apath, n) for n in names]
+
+
 def _decode(batch: dict[str, np.ndarray], columns: list[str]) -> dict[str, np.ndarray]:
     for col in columns:
         batch[col] = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch[col]])
@@ -57,7 +89,8 @@ def open_shards(
     extra_columns: tuple[str, ...] = ("key", "caption", "label", "source_width", "source_height"),
 ) -> Any:
     """A Ray Dataset of the shards at ``uri`` reading only ``image_<R>`` for ``resolutions``
-    (plus caption/label/size and optionally the text embedding), decoded to uint8 (N, R, R, 3)."""
+    (plus caption/label/size and optionally the text embedding), decoded to uint8 (N, R, R, 3).
+    Reads exactly the files its manifest names (:func:`shard_files`)."""
     import ray.data
 
     manifest = read_manifest(uri)
@@ -71,8 +104,9 @@ def open_shards(
         raise ValueError(f"{uri} has no precomputed text_emb; preprocess with --text_encoder")
     image_cols = [f"image_{r}" for r in resolutions]
     cols = image_cols + list(extra_columns) + (["text_emb", "text_len"] if with_text_emb else [])
-    fs, path = arrow_fs(uri)
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=cols, shuffle="files" if shuffle_files else None)
+    fs, _ = arrow_fs(uri)
+    paths = shard_files(uri, manifest)
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=cols, shuffle="files" if shuffle_files else None)
     return ds.map_batches(_decode, batch_size=64, fn_kwargs={"columns": image_cols})
 
 

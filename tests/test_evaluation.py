@@ -248,7 +248,12 @@ def _write_shards(folder: Path, resolutions: list[int]) -> list[str]:
             cols[f"image_{r}"].append(buf.getvalue())
     folder.mkdir(parents=True)
     pq.write_table(pa.table(cols), folder / "part-0.parquet")
-    manifest = {"schema_version": SCHEMA_VERSION, "resolutions": resolutions, "rows": len(captions)}
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "resolutions": resolutions,
+        "rows": len(captions),
+        "files": ["part-0.parquet"],
+    }
     (folder / MANIFEST).write_text(json.dumps(manifest))
     return captions
 

@@ -137,8 +137,9 @@ def test_rerun_replaces_and_reader_prunes_columns(ray_session, mixed, tmp_path):
     first = preprocess(open_source(root.as_uri()), out, cfg, progress=False)
     second = preprocess(open_source(root.as_uri()), out, cfg, progress=False)
     assert first["rows"] == second["rows"] == expected["rows"]
-    assert second["replaced_files"] >= 2  # the old shard(s) and manifest went first
-    assert sorted(p.name for p in (tmp_path / "shards").glob("*.parquet")) == second["files"]
+    assert second["replaced_files"] == len(first["files"]) >= 1  # removed after the new manifest was in
+    on_disk = sorted(str(p.relative_to(tmp_path / "shards")) for p in (tmp_path / "shards").rglob("*.parquet"))
+    assert on_disk == second["files"] and not set(on_disk) & set(first["files"])
 
     ds = open_shards(out, [32])
     names = ds.schema().names
@@ -279,3 +280,258 @@ def test_preprocess_as_a_submitted_ray_job(ray_cluster, mixed, tmp_path):
     )
     assert bad.returncode != 0
     assert "does not exist" in bad.stdout + bad.stderr
+
+
+# --------------------------------------------------------------------------- data safety (issue 13)
+
+
+def _parquet_files(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.parquet"))
+
+
+def test_out_overlapping_the_source_is_refused_before_anything_is_touched(ray_session, s3_server, tmp_path):
+    import s3fs
+
+    import jobs.preprocess as job
+    from pipelines.preprocess import PreprocessError
+
+    pq_dir = tmp_path / "raw_pq"
+    pq_dir.mkdir()
+    pq.write_table(pa.table({"image": [EMOJI[0].read_bytes()], "caption": ["x"]}), pq_dir / "part-0.parquet")
+    before = (pq_dir / "part-0.parquet").read_bytes()
+    # The same folder, a folder inside the source, a folder holding it; plain paths and file:// alike.
+    for out in (str(pq_dir), (pq_dir / "shards").as_uri(), str(tmp_path)):
+        with pytest.raises(PreprocessError, match="overlaps --source"):
+            preprocess(open_source(str(pq_dir), "parquet"), out, PreprocessConfig(RES), progress=False)
+        assert (pq_dir / "part-0.parquet").read_bytes() == before
+    assert _parquet_files(tmp_path) == ["raw_pq/part-0.parquet"]  # nothing written anywhere
+    assert job.main(["--source", str(pq_dir), "--out", str(pq_dir)]) == 2
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    fs.mkdir("overlap")
+    fs.put(str(pq_dir / "part-0.parquet"), "overlap/raw/part-0.parquet")
+    for out in ("s3://overlap/raw", "s3://overlap/raw/shards", "s3://overlap"):
+        with pytest.raises(PreprocessError, match="overlaps --source"):
+            preprocess(open_source("s3://overlap/raw", "parquet"), out, PreprocessConfig(RES), progress=False)
+    assert fs.find("overlap") == ["overlap/raw/part-0.parquet"]
+    # A sibling whose name starts like the source is not inside it.
+    m = preprocess(open_source("s3://overlap/raw", "parquet"), "s3://overlap/raw-shards", PreprocessConfig(RES))
+    assert m["rows"] == 1
+
+
+def test_rerun_leaves_sibling_sets_alone_and_a_failed_run_keeps_the_published_one(ray_session, mixed, tmp_path):
+    """Re-running on a folder that also holds other shard sets (train/, val/) touches only
+    the files its own manifest named; a run that crashes publishes nothing and keeps the
+    previous set readable."""
+    from pipelines.preprocess import MANIFEST
+    from pipelines.sources import Source
+
+    root, expected = mixed
+    shards = tmp_path / "shards"
+    cfg = PreprocessConfig(RES, shard_rows=4)
+    for split in ("train", "val"):
+        preprocess(open_source(str(root)), str(shards / split), cfg, progress=False)
+    splits_before = {p: p.read_bytes() for p in (shards / "train").rglob("*") if p.is_file()}
+    splits_before.update({p: p.read_bytes() for p in (shards / "val").rglob("*") if p.is_file()})
+
+    first = preprocess(open_source(str(root)), str(shards), cfg, progress=False)
+    second = preprocess(open_source(str(root)), str(shards), cfg, progress=False)
+    assert {p: p.read_bytes() for p in splits_before} == splits_before  # train/ and val/ untouched
+    assert not set(first["files"]) & set(second["files"])
+    assert all((shards / f).exists() for f in second["files"])
+    assert not any((shards / f).exists() for f in first["files"])  # removed once the new set was published
+
+    # A run that crashes half way: the source's reader dies on one of the files.
+    published = (shards / MANIFEST).read_bytes()
+
+    def crash_on_bomb(batch):
+        if any("z_bomb" in str(s) for s in batch["source"]):
+            raise RuntimeError("simulated crash while the new shards are written")
+        return batch
+
+    good = open_source(str(root))
+    crashing = Source(good.dataset.map_batches(crash_on_bomb, batch_size=4), good.uri, good.kind, good.listed)
+    with pytest.raises(Exception, match="simulated crash"):
+        preprocess(crashing, str(shards), cfg, progress=False)
+    assert (shards / MANIFEST).read_bytes() == published
+    assert [f for f in _parquet_files(shards) if not f.startswith(("train/", "val/"))] == sorted(second["files"])
+    assert len(open_shards(str(shards), [32]).take_all()) == expected["rows"]
+
+
+def test_reader_reads_exactly_the_files_the_manifest_names(ray_session, mixed, tmp_path):
+    import shutil
+
+    from pipelines.preprocess import MANIFEST
+
+    root, expected = mixed
+    out = tmp_path / "shards"
+    manifest = preprocess(open_source(str(root)), str(out), PreprocessConfig(RES, shard_rows=100), progress=False)
+    (shard,) = manifest["files"]
+    # Foreign and half-written files beside the named ones are never read.
+    shutil.copy(out / shard, out / "foreign.parquet")
+    (out / "run-unfinished").mkdir()
+    shutil.copy(out / shard, out / "run-unfinished" / "part.parquet")
+    (out / shard).with_name("half_written.parquet").write_bytes((out / shard).read_bytes()[:100])
+    rows = open_shards(str(out), RES).take_all()
+    assert len(rows) == expected["rows"]
+    from pipelines.reader import shard_files
+
+    assert [p.rsplit("/", 1)[-1] for p in shard_files(str(out))] == [shard.rsplit("/", 1)[-1]]
+
+    (out / shard).unlink()  # a file the manifest names is gone: say so instead of reading less
+    with pytest.raises(FileNotFoundError, match="are missing"):
+        open_shards(str(out), RES)
+    (out / MANIFEST).unlink()
+    with pytest.raises(FileNotFoundError, match="has no _manifest.json"):
+        open_shards(str(out), RES)
+
+
+def _flaky_fs_class():
+    """The fsspec protocol ``flaky://``: local files whose reads fail as ``plan`` says (path ->
+    number of transient failures before it reads, or an exception raised on every read)."""
+    import fsspec
+
+    class FlakyFS(fsspec.AbstractFileSystem):
+        protocol = "flaky"
+        plan: dict = {}
+        opens: dict = {}
+
+        def _open(self, path, mode="rb", **kwargs):
+            FlakyFS.opens[path] = FlakyFS.opens.get(path, 0) + 1
+            step = FlakyFS.plan.get(path)
+            if isinstance(step, int) and FlakyFS.opens[path] <= step:
+                raise ConnectionResetError(f"connection reset reading {path} (attempt {FlakyFS.opens[path]})")
+            if isinstance(step, BaseException):
+                raise step
+            return open(path, mode)
+
+    fsspec.register_implementation("flaky", FlakyFS, clobber=True)
+    return FlakyFS
+
+
+def test_folder_reads_retry_transient_errors_and_report_the_rest(tmp_path):
+    """Storage errors are retried; what still fails is reported as a read error (the image
+    is never turned into an empty file, the caption never silently blanked); a JSON sidecar
+    whose label is not an integer keeps its caption."""
+    from pipelines.sources import _read_folder_batch
+
+    flaky = _flaky_fs_class()
+    png = EMOJI[0].read_bytes()
+    for name in "abcd":
+        (tmp_path / f"{name}.png").write_bytes(png)
+    (tmp_path / "a.txt").write_text("a caption")
+    (tmp_path / "b.json").write_text(json.dumps({"caption": "b caption", "label": "fox"}))
+    (tmp_path / "d.txt").write_text("d caption")
+    p = {n: str(tmp_path / n) for n in ("a.png", "a.txt", "b.png", "b.json", "c.png", "d.png", "d.txt")}
+    flaky.plan = {
+        p["a.png"]: 2,  # two transient failures, then it reads
+        p["a.txt"]: 1,
+        p["c.png"]: FileNotFoundError(f"{p['c.png']} was deleted after listing"),
+        p["d.txt"]: ConnectionResetError("the endpoint keeps resetting"),
+    }
+    flaky.opens = {}
+    batch = {
+        "source": np.array([p["a.png"], p["b.png"], p["c.png"], p["d.png"]], dtype=object),
+        "caption_path": np.array([p["a.txt"], p["b.json"], "", p["d.txt"]], dtype=object),
+        "caption": np.array(["", "", "", ""], dtype=object),
+    }
+    out = _read_folder_batch(batch, "flaky://")
+    rows = [{k: out[k][i] for k in out} for i in range(4)]
+    assert rows[0]["image"] == png and rows[0]["caption"] == "a caption"
+    assert flaky.opens[p["a.png"]] == 3
+    assert (rows[1]["caption"], rows[1]["label"], rows[1]["note"]) == ("b caption", -1, "bad_label")
+    assert "FileNotFoundError" in rows[2]["read_error"] and flaky.opens[p["c.png"]] == 1  # not retried
+    assert "d.txt" in rows[3]["read_error"] and flaky.opens[p["d.txt"]] == 4  # retried, then reported
+    assert [r["read_error"] for r in rows[:2]] == ["", ""]
+
+
+def test_unreadable_rows_fail_the_run_and_keep_the_published_shards(ray_session, s3_server, mixed):
+    """Objects deleted between listing and reading (a real failure of the S3 server): the
+    run fails and the previous shards stay published, unless --max_read_errors allows them."""
+    import s3fs
+
+    from pipelines.preprocess import PreprocessError
+
+    root, expected = mixed
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    fs.mkdir("readerr")
+    fs.put(str(root) + "/", "readerr/raw/", recursive=True)
+    fs.pipe_file("readerr/raw/k_label.png", EMOJI[8].read_bytes())
+    fs.pipe_file("readerr/raw/k_label.json", json.dumps({"caption": "labelled by name", "label": "eight"}).encode())
+    cfg = PreprocessConfig(RES, shard_rows=4)
+    good = preprocess(open_source("s3://readerr/raw"), "s3://readerr/shards", cfg, progress=False)
+    assert good["rows"] == expected["rows"] + 1
+
+    listed = open_source("s3://readerr/raw")
+    fs.rm_file("readerr/raw/c_grey.png")  # an image and a caption sidecar vanish after listing
+    fs.rm_file("readerr/raw/b_palette.txt")
+    with pytest.raises(PreprocessError, match=r"2 row\(s\) could not be read"):
+        preprocess(listed, "s3://readerr/shards", cfg, progress=False)
+    assert read_manifest("s3://readerr/shards") == good
+    assert len(open_shards("s3://readerr/shards", [32]).take_all()) == good["rows"]
+    fs.invalidate_cache()
+    assert sorted(f.split("/", 2)[2] for f in fs.find("readerr/shards")) == sorted(good["files"] + ["_manifest.json"])
+
+    allowed = preprocess(
+        listed, "s3://readerr/shards", PreprocessConfig(RES, shard_rows=4, max_read_errors=2), progress=False
+    )
+    assert allowed["skipped"]["read_error"] == 2 and allowed["rows"] == good["rows"] - 2
+    assert allowed["rows_read"] == allowed["rows_listed"] == good["rows_listed"]
+    assert allowed["row_notes"] == {"bad_label": 1}  # a JSON sidecar whose label is a word keeps its caption
+    labelled = [r for r in open_shards("s3://readerr/shards", [32]).take_all() if r["caption"] == "labelled by name"]
+    assert [r["label"] for r in labelled] == [-1]
+    assert sorted(v.split(":")[0].rsplit("/", 1)[-1] for v in allowed["read_errors"].values()) == [
+        "b_palette.txt",
+        "c_grey.png",
+    ]
+
+
+def test_retried_tasks_are_not_counted_twice(ray_session, tmp_path):
+    """A worker dies after its task admitted the first rows of its block; Ray retries the
+    task, which reports the same rows again: they are written once, not turned into
+    duplicates of themselves, and the counts add up to the listing."""
+    import os
+
+    from pipelines.sources import Source
+
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(40):  # 40 distinct images in one block: preprocessing admits them 16 at a time
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(raw / f"{i:02d}.png")
+    marker = tmp_path / "crashed-once"
+
+    def die_once(batch):  # fused into the same Ray task as preprocessing and the write
+        if any(str(s).endswith("37.png") for s in batch["source"]) and not marker.exists():
+            marker.write_text("x")
+            os._exit(1)  # the worker process dies: a system failure, retried by Ray
+        return batch
+
+    # Tiny blocks, so each stage of the task hands every batch on at once (as with big data):
+    # preprocessing admits rows 0-31 before the worker dies. A dataset keeps the context it
+    # was created with.
+    ctx = ray_session.data.DataContext.get_current()
+    old_size, ctx.target_max_block_size = ctx.target_max_block_size, 1024
+    try:
+        src = open_source(str(raw))
+        one_block = src.dataset.repartition(1).map_batches(die_once, batch_size=4)
+        crashing = Source(one_block, src.uri, src.kind, src.listed)
+        m = preprocess(crashing, str(tmp_path / "out"), PreprocessConfig([16, 32]), progress=False)
+    finally:
+        ctx.target_max_block_size = old_size
+    assert marker.exists()  # the crash happened
+    assert (m["rows"], m["skipped"], m["rows_read"]) == (40, {}, 40)
+    assert m["rows_listed"] == 40
+    assert len(open_shards(str(tmp_path / "out"), [16]).take_all()) == 40
+
+
+def test_rows_that_do_not_add_up_are_not_published(ray_session, mixed, tmp_path):
+    from pipelines.preprocess import PreprocessError
+    from pipelines.sources import Source
+
+    root, _ = mixed
+    src = open_source(str(root))
+    wrong = Source(src.dataset, src.uri, src.kind, src.listed + 1, src.skipped)  # one row lost on the way
+    with pytest.raises(PreprocessError, match="listed 17 rows but 16 were read"):
+        preprocess(wrong, str(tmp_path / "out"), PreprocessConfig(RES), progress=False)
+    assert not (tmp_path / "out" / "_manifest.json").exists() and not _parquet_files(tmp_path / "out")
