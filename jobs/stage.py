@@ -9,7 +9,9 @@
 3. opens the shards for the model's resolutions and starts ``TorchTrainer`` with DeepSpeed
    on ``scaling.num_workers`` workers (checkpoints and resume under ``run.storage_path``);
 4. registers the final EMA weights as a version of ``mlflow.registered_model`` and moves
-   the alias ``stage-<R>``.
+   the alias ``stage-<R>``;
+5. with ``eval.shards`` set, scores those weights on the held-out shards (FID/KID at every
+   resolution, ``jobs/evaluate.py``) and logs the metrics and report to the stage's run.
 
 Workers run :func:`train_loop_per_worker`: the step itself is :class:`mdm.zero.ZeroTrainer`.
 """
@@ -78,6 +80,19 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """FID/KID at the end of the stage (``jobs/evaluate.py`` on the final EMA weights)."""
+
+    shards: str = ""  # held-out shard set (or a folder with heldout/); "" skips the evaluation
+    num_samples: int = 256  # images generated, one per held-out caption (cycled)
+    num_real: int = 0  # held-out images compared with (0: every row)
+    steps: int = 25
+    sampler: str = "ddim"
+    guidance: float = 3.0
+    batch_size: int = 16
+
+
+@dataclass
 class StageConfig:
     """Everything a stage job reads; ``--set a.b=v`` addresses any field."""
 
@@ -89,6 +104,7 @@ class StageConfig:
     scaling: Scaling = field(default_factory=Scaling)
     run: RunConfigSection = field(default_factory=RunConfigSection)
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> StageConfig:
         self.model.validate()
@@ -102,6 +118,8 @@ class StageConfig:
             raise ConfigError("run.keep_checkpoints: must be >= 1")
         if self.run.max_failures < 0:
             raise ConfigError("run.max_failures: must be >= 0 (-1 is not supported: failures must end a run)")
+        if self.eval.shards and (self.eval.num_samples < 1 or self.eval.steps < 1 or self.eval.num_real < 0):
+            raise ConfigError("eval.num_samples and eval.steps: must be >= 1; eval.num_real: >= 0 (0: every row)")
         return self
 
     @property
@@ -367,6 +385,27 @@ class _Tracker:
 
 
 # ---------------------------------------------------------------------------- the driver
+def evaluate_stage(cfg: StageConfig, model_dir: Path, run_id: str, tracking_uri: str, out: str) -> None:
+    """``jobs/evaluate.py`` on the stage's final weights, logged to the stage's MLflow run."""
+    from jobs import evaluate
+
+    e = cfg.eval
+    argv = [
+        "--model", str(model_dir), "--shards", e.shards, "--num_samples", str(e.num_samples),
+        "--steps", str(e.steps), "--sampler", e.sampler, "--guidance_scale", str(e.guidance),
+        "--batch_size", str(e.batch_size), "--mlflow_run_id", run_id, "--tracking_uri", tracking_uri,
+        "--out", out, "--no_progress",
+    ]  # fmt: skip
+    if e.num_real:
+        argv += ["--num_real", str(e.num_real)]
+    _log(f"evaluating the final weights on {e.shards}: {e.num_samples} samples, {e.sampler} {e.steps} steps")
+    if evaluate.main(argv) != 0:
+        raise RuntimeError(
+            f"the stage's weights are registered, but their evaluation on {e.shards} failed (see above); "
+            "re-run it alone with jobs/evaluate.py"
+        )
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     if isinstance(d, dict):
@@ -565,5 +604,9 @@ def run_stage(cfg: StageConfig) -> int:
             )
             _log(f"registered models:/{cfg.mlflow.registered_model}/{version} as @{cfg.alias}")
             print(json.dumps({"run": name, "step": meta["step"], "version": version, "alias": cfg.alias}))
+        if cfg.eval.shards:
+            evaluate_stage(
+                cfg, Path(d) / "model", run_id, tracking_uri, f"{storage.rstrip('/')}/{name}/evaluation.json"
+            )
     client.set_terminated(run_id)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -199,6 +200,10 @@ def test_stage_128_grows_the_registered_stage_64_under_zero3(stack, tmp_path):
         "--set", "train.ema_decay=0.0",
         "--set", "run.checkpoint_every=2",
         "--set", "mlflow.sample_every=0",
+        "--set", f"eval.shards={SHARDS}",
+        "--set", "eval.num_samples=4",
+        "--set", "eval.steps=2",
+        "--set", "eval.batch_size=4",
     ]  # fmt: skip
     _, proc = submit(stack, "stage_128.py", args)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
@@ -209,6 +214,13 @@ def test_stage_128_grows_the_registered_stage_64_under_zero3(stack, tmp_path):
     # the stage began from exactly the registered stage-64 weights
     _, run = mlflow_run("ci-128")
     assert run.data.params["init.inner_sha256"] == state_fingerprint(inner_state_dict(stage64))
+
+    # eval.shards: FID/KID of the final weights at both resolutions, logged to the stage's run
+    assert "evaluating the final weights on" in proc.stdout
+    for r in (64, 128):
+        assert run.data.metrics[f"fid_{r}"] > 0 and math.isfinite(run.data.metrics[f"kid_{r}"])
+    report = json.loads(url_to_fs(f"{RUNS}/ci-128/evaluation.json")[0].cat(f"{RUNS}/ci-128/evaluation.json"))
+    assert set(report["metrics"]) == {"64", "128"} and report["metrics"]["128"]["num_generated"] == 4
 
     # both aliases live in the registry
     reg = MlflowClient()
