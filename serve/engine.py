@@ -19,7 +19,20 @@ import torch
 
 from mdm.pipeline import MDMPipeline
 
-__all__ = ["Job", "Result", "run_jobs", "group_jobs", "set_precision", "RegistryRef", "locate_model"]
+__all__ = [
+    "Job",
+    "Result",
+    "run_jobs",
+    "group_jobs",
+    "evaluations",
+    "INPAINT_REFINE_STRENGTH",
+    "set_precision",
+    "RegistryRef",
+    "locate_model",
+]
+
+# Inpainting refines the fill once per resolution after the first (joint) pass, from this t.
+INPAINT_REFINE_STRENGTH = 0.6
 
 
 @dataclass
@@ -39,6 +52,7 @@ class Job:
     labels: list[int] | None = None
     image: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    abandoned: bool = False  # the request is gone (client left, timed out): drop the job if not yet run
 
     @property
     def n(self) -> int:
@@ -57,6 +71,24 @@ class Result:
     images: list[torch.Tensor]
     batch_images: int
     sampler_s: float = 0.0  # wall time of that sampler call
+
+
+def _ceil(x: float) -> int:
+    return int(-(-x // 1))
+
+
+def evaluations(kind: str, steps: int, extra: float | int | None, resolutions: int, guided: bool) -> int:
+    """Network evaluations one image of a job costs: the sampler's steps (SDEdit:
+    ``ceil(steps * strength)``; inpainting: a joint pass plus one refining pass per further
+    resolution, ``ceil(steps * INPAINT_REFINE_STRENGTH)`` steps each), twice that with
+    classifier-free guidance (a conditional and an unconditional prediction)."""
+    if kind == "edit":
+        n = max(1, _ceil(steps * float(extra)))
+    elif kind == "inpaint":
+        n = steps + (resolutions - 1) * max(1, _ceil(steps * INPAINT_REFINE_STRENGTH))
+    else:
+        n = steps
+    return n * (2 if guided else 1)
 
 
 def group_jobs(jobs: Sequence[Job], max_images: int) -> list[list[int]]:
@@ -108,7 +140,9 @@ def _run_group(pipe: MDMPipeline, jobs: Sequence[Job]) -> list[list[torch.Tensor
                 outs = pipe.edit(image, prompts, strength=extra, **common)
             elif kind == "inpaint":
                 mask = torch.cat([j.mask.expand(j.n, -1, -1, -1) for j in jobs])
-                outs = pipe.inpaint(image, mask, prompts, feather=extra, **common)
+                outs = pipe.inpaint(
+                    image, mask, prompts, feather=extra, refine_strength=INPAINT_REFINE_STRENGTH, **common
+                )
             else:
                 raise ValueError(f"unknown job kind {kind!r}")
         outs = [o.to("cpu", non_blocking=False) for o in outs]

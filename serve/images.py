@@ -24,6 +24,7 @@ __all__ = [
     "image_tensor",
     "mask_tensor",
     "encode_png",
+    "to_8bit",
 ]
 
 FORMATS = ("PNG", "JPEG", "WEBP")
@@ -43,8 +44,11 @@ def decode_base64(data: str, what: str) -> bytes:
         _, _, data = data.partition(",")
     try:
         return base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise InputError(f"{what} is not valid base64 ({e}): send the file's bytes base64-encoded") from None
+    except (binascii.Error, ValueError):
+        raise InputError(
+            f"{what} is not valid base64 (standard alphabet A-Z a-z 0-9 + /, padded with = to a multiple of 4 "
+            "characters): send the file's bytes base64-encoded"
+        ) from None
 
 
 def open_image(data: bytes, what: str, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -60,8 +64,8 @@ def open_image(data: bytes, what: str, max_bytes: int, max_pixels: int) -> Image
         raise InputError(f"{what} is empty: send a PNG or JPEG file")
     try:
         img = Image.open(io.BytesIO(data))
-    except Exception as e:  # noqa: BLE001 - PIL raises many types
-        raise InputError(f"{what} cannot be decoded ({e}): send a PNG or JPEG file") from None
+    except Exception:  # noqa: BLE001 - PIL raises many types; its text names internals, not the fix
+        raise InputError(f"{what} cannot be decoded as an image: send a PNG, JPEG or WebP file") from None
     if img.format not in FORMATS:
         raise InputError(f"{what} is {img.format}; send one of {', '.join(FORMATS)}")
     w, h = img.size
@@ -71,9 +75,20 @@ def open_image(data: bytes, what: str, max_bytes: int, max_pixels: int) -> Image
         )
     try:
         img.load()
-        return ImageOps.exif_transpose(img)
-    except Exception as e:  # noqa: BLE001 - truncated or corrupt data
-        raise InputError(f"{what} cannot be decoded ({e}): send a complete PNG or JPEG file") from None
+        return to_8bit(ImageOps.exif_transpose(img))
+    except Exception:  # noqa: BLE001 - truncated or corrupt data
+        raise InputError(f"{what} cannot be decoded (truncated or corrupt): send a complete PNG or JPEG file") from None
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16- and 32-bit grey images (``I;16*``, ``I``: 16-bit PNGs) as 8-bit ``L``, scaled.
+
+    PIL's own ``convert("L")``/``convert("RGB")`` of these modes clips every value above 255,
+    so a 16-bit PNG would come out white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return img
 
 
 def image_tensor(img: Image.Image, size: int) -> torch.Tensor:

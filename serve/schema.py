@@ -129,7 +129,12 @@ class ModelInfo(BaseModel):
     conditioning: ConditioningInfo
     samplers: list[str]
     max_images: int
-    max_steps: int
+    max_steps: int = Field(description="Most sampler steps a request may ask for on this deployment.")
+    max_request_cost: float = Field(
+        description="Most megapixel-steps one request may cost: images x network evaluations x top-resolution "
+        "pixels / 1e6 (guidance doubles the evaluations)."
+    )
+    request_timeout_s: float = Field(description="A request not answered by then answers 503.")
     device: str
     precision: Literal["fp32", "bf16"] = Field(description="Activation precision of the sampler.")
     threads: int = Field(description="CPU threads of the replica's torch.")
@@ -138,6 +143,10 @@ class ModelInfo(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     replica: str = Field(description="Id of the Serve replica that answered.")
+    queued_images: int = Field(0, description="Images of requests the replica holds now (queued or sampling).")
+    dropped_requests: int = Field(
+        0, description="Requests whose job was dropped before sampling (the client left, or it timed out)."
+    )
 
 
 class ErrorOut(BaseModel):

@@ -154,7 +154,10 @@ for text in sys.argv[1:]:
         if isinstance(target, Application):
             assert not app.get("args"), "args given to an Application that is not a builder"
         else:
-            target = target(app.get("args") or {})  # raises on arguments the builder refuses
+            args = dict(app.get("args") or {})
+            if str(args.get("model", "")).startswith("models:/"):
+                args["model"] = "/a/model/folder"  # the builder pins a registry alias: no registry here
+            target = target(args)  # raises on arguments the builder refuses
         assert isinstance(target, Application), f"{app['import_path']} built {type(target).__name__}"
         built.append(app["import_path"])
 print(json.dumps(built))

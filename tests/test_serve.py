@@ -7,7 +7,11 @@ One deployment serves the whole module (with an API key, so every request here s
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -92,8 +96,27 @@ def server(ray_cluster, mlflow_server, registered):
     try:
         yield url
     finally:
-        serve.delete("mdm-serve-test")
+        with contextlib.suppress(Exception):
+            serve.delete("mdm-serve-test")
         serve.shutdown()
+
+
+@contextlib.contextmanager
+def deployed(server_url: str, name: str, **args):
+    """Another application of the tiny model beside the module's (on the same Serve proxy),
+    under ``/<name>``, deleted afterwards (the test cluster has CPUs for two replicas)."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    args.setdefault("model", f"models:/{MODEL}@{ALIAS}")
+    app = build_app({"batch_wait_timeout_s": 0.02, **args})
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    url = server_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        serve.delete(name)
 
 
 def post(url: str, path: str, key: str | None = KEY, content_type: str | None = None, **kwargs) -> requests.Response:
@@ -170,7 +193,8 @@ def test_serve_config_file_is_a_valid_deploy_config():
     assert mdm_app.args["model"].startswith("models:/mdm@")
     (dep,) = mdm_app.deployments
     assert dep.ray_actor_options.num_gpus == 1 and dep.autoscaling_config["max_replicas"] >= 1
-    app = build_app(mdm_app.args)  # the config's args are the builder's; binding loads nothing
+    # the config's args are the builder's; binding loads nothing (a folder: no registry to pin the alias in)
+    app = build_app({**mdm_app.args, "model": "/a/model/folder"})
     assert app._bound_deployment.name == dep.name, "the config must name the deployment it tunes"
     with pytest.raises(ValueError, match="modle"):
         build_app({"modle": "x"})
@@ -185,8 +209,10 @@ def test_openapi_documents_every_endpoint(server):
     gen = spec["paths"]["/v1/generate"]["post"]
     assert "image/png" in gen["responses"]["200"]["content"]
     assert "GenerateRequest" in str(gen["requestBody"])
-    props = spec["components"]["schemas"]["GenerateRequest"]["properties"]
+    props = gen["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert props["num_images"]["maximum"] == 8 and props["steps"]["minimum"] == 1
+    assert props["resolution"]["anyOf"][0]["enum"] == [32, 64], "the served model's resolutions"
+    assert "label" not in props and props["prompt"]["x-max-tokens"] == 16, "a text model takes no label"
     for path, files in (("/v1/edit", {"image"}), ("/v1/inpaint", {"image", "mask"})):
         content = spec["paths"][path]["post"]["requestBody"]["content"]
         assert files <= set(content["application/json"]["schema"]["required"])
@@ -438,3 +464,275 @@ def test_fifty_concurrent_requests_are_all_answered(server, trained):
     assert [a[1] for a in answers] == [200] * 50, answers
     for i, _, sizes in answers:
         assert sizes == [(64, 64)] * (2 if i % 5 == 4 and i % 10 != 9 else 1), (i, sizes)
+
+
+# ---------------------------------------------------------------- bounds (docs/RELIABILITY.md, Serving)
+def gray16_png(values: np.ndarray) -> bytes:
+    """A real 16-bit greyscale PNG (bit depth 16 in its IHDR)."""
+    buf = io.BytesIO()
+    Image.fromarray(values.astype(np.uint16)).save(buf, format="PNG")
+    data = buf.getvalue()
+    assert data[24] == 16, "not a 16-bit PNG"
+    return data
+
+
+@pytest.mark.integration
+@pytest.mark.ray
+def test_a_16_bit_png_decodes_to_its_grey_levels_not_white(server):
+    """Inpainting with an all-keep mask returns the image itself: a 16-bit grey ramp must come
+    back as its 8-bit ramp (value / 257), not clipped to white."""
+    ramp = np.tile(np.linspace(0, 65535, 64), (64, 1))
+    mask = gray16_png(np.zeros((64, 64)))  # 16-bit too: all keep
+    r = post(server, "/v1/inpaint", json={"image": b64(gray16_png(ramp)), "mask": b64(mask), "steps": 2})
+    assert r.status_code == 200, r.text
+    out = pixels(r.content)[..., 0]
+    expected = np.rint(ramp / 257).astype(np.int16)
+    assert np.abs(out - expected).max() <= 1, f"mean {out.mean():.0f}, expected {expected.mean():.0f}"
+
+
+@pytest.mark.integration
+@pytest.mark.ray
+def test_error_bodies_do_not_echo_internal_exception_text(server):
+    png = png_bytes(Image.new("RGB", (64, 64), (200, 10, 10)))
+    cases = [
+        (
+            "/v1/edit",
+            {"image": b64(b"\x89PNG\r\n\x1a\n but no image")},
+        ),  # PIL: "cannot identify image file <_io.BytesIO ...>"
+        ("/v1/edit", {"image": b64(png[: len(png) // 2])}),  # truncated: PIL's own decoder message
+    ]
+    for path, body in cases:
+        r = post(server, path, json={"steps": 2, **body})
+        assert r.status_code == 400, r.text
+        detail = r.json()["detail"]
+        assert "send" in detail and "PNG" in detail, detail
+        for internal in ("BytesIO", " at 0x", "Error", "Traceback", "truncated (", "bytes not processed"):
+            assert internal not in detail, f"{internal!r} in {detail!r}"
+
+
+@pytest.mark.integration
+@pytest.mark.ray
+def test_body_limits_hold_for_the_bytes_read_chunked_or_not(server, trained):
+    """A body is limited by what arrives, not by what Content-Length claims: padded JSON that
+    is valid but too long answers 413 on /v1/generate too, sent plainly or chunked."""
+    small = {"prompt": P[0], "steps": 2}
+    padded = b'{"prompt": "fox face", "steps": 2' + b" " * (200 * 1024) + b"}"
+    r = post(server, "/v1/generate", content_type="application/json", data=padded)
+    assert r.status_code == 413 and "MiB" in r.json()["detail"], r.text[:300]
+
+    def chunks(data: bytes, size: int = 64 * 1024):
+        for i in range(0, len(data), size):
+            yield data[i : i + size]
+
+    r = post(server, "/v1/generate", content_type="application/json", data=chunks(padded))  # no Content-Length
+    assert r.status_code == 413, r.text[:300]
+    image = b64(png_bytes(trained["images"][0]))
+    big = b'{"steps": 2, "image": "' + image.encode() + b'"' + b" " * (2 * 2**20) + b"}"  # > the edit limit
+    r = post(server, "/v1/edit", content_type="application/json", data=chunks(big))
+    assert r.status_code == 413 and "smaller" in r.json()["detail"], r.text[:300]
+    # within the limits, chunked bodies are read as any other
+    ok = post(
+        server, "/v1/generate", content_type="application/json", data=chunks(b'{"prompt": "fox face", "steps": 2}')
+    )
+    assert ok.status_code == 200, ok.text[:300]
+    assert post(server, "/v1/generate", json=small).status_code == 200
+
+
+@pytest.mark.integration
+@pytest.mark.ray
+def test_a_request_over_the_cost_budget_answers_422_saying_what_to_lower(server):
+    from ray import serve  # noqa: F401 - the module's Serve instance
+
+    with deployed(server, "budget", max_request_cost=0.5) as url:
+        info = requests.get(f"{url}/v1/model", timeout=30).json()
+        assert info["max_request_cost"] == 0.5
+        # 8 images x 100 steps x 2 (guidance) x 64x64 pixels = 6.55 megapixel-steps
+        r = requests.post(f"{url}/v1/generate", json={"num_images": 8, "steps": 100, "prompt": P[0]}, timeout=60)
+        assert r.status_code == 422, r.text[:300]
+        detail = r.json()["detail"]
+        for words in ("6.55 megapixel-steps", "allows 0.5", "steps to 7", "guidance_scale to 1"):
+            assert words in detail, detail
+        r = requests.post(f"{url}/v1/generate", json={"num_images": 8, "steps": 20, "prompt": P[0]}, timeout=60)
+        assert r.status_code == 422 and "num_images to 3" in r.json()["detail"], r.text[:300]
+        # inpainting counts its refining pass: 1 image x (20 + 12) x 2 x 4096 = 0.26; edit ceil(20 x 0.5) = 10 steps
+        img = b64(png_bytes(Image.new("RGB", (64, 64))))
+        assert (
+            requests.post(
+                f"{url}/v1/inpaint", json={"image": img, "mask": img, "steps": 40, "prompt": P[0]}, timeout=60
+            ).status_code
+            == 422
+        )
+        assert requests.post(f"{url}/v1/edit", json={"image": img, "steps": 2, "strength": 0.5}, timeout=60).ok
+
+
+@pytest.mark.integration
+@pytest.mark.ray
+def test_a_full_queue_answers_503_with_retry_after_and_late_or_gone_requests_are_dropped(server):
+    """One replica holds at most max_queued_images; beyond, 503 + Retry-After. A request that
+    waits past request_timeout_s answers 503 and its job is dropped, never sampled; so is the
+    job of a client that left before its job started."""
+    with deployed(server, "bounded", max_queued_images=8, request_timeout_s=3.0, max_batch_images=8) as url:
+        long = {"prompt": P[0], "num_images": 8, "steps": 12, "sampler": "ddim", "guidance_scale": 1.0}
+        t0 = time.time()
+        first = requests.post(f"{url}/v1/generate", json=long, timeout=60)  # measures the long job
+        took = time.time() - t0
+        assert first.status_code in (200, 503), first.text[:300]
+        with ThreadPoolExecutor(4) as pool:
+            busy = pool.submit(requests.post, f"{url}/v1/generate", json=long, timeout=60)
+            time.sleep(0.5)
+            more = [
+                pool.submit(requests.post, f"{url}/v1/generate", json={**long, "num_images": 4, "seed": i}, timeout=60)
+                for i in range(3)
+            ]
+            answers = [f.result() for f in more]
+            busy.result()
+        refused = [r for r in answers if r.status_code == 503]
+        assert refused, ([r.status_code for r in answers], took)
+        assert all(int(r.headers["Retry-After"]) >= 1 and "busy" in r.json()["detail"] for r in refused)
+
+    with deployed(server, "timeouts", request_timeout_s=1.0, max_batch_images=8) as url:
+        long = {"prompt": P[0], "num_images": 8, "steps": 12, "sampler": "ddim", "guidance_scale": 2.0}
+        before = requests.get(f"{url}/healthz", timeout=30).json()["dropped_requests"]
+        with ThreadPoolExecutor(3) as pool:
+            busy = pool.submit(requests.post, f"{url}/v1/generate", json=long, timeout=60)
+            time.sleep(0.3)
+            # another key (other steps): cannot join the running call, waits behind it
+            late = pool.submit(requests.post, f"{url}/v1/generate", json={"prompt": P[1], "steps": 3}, timeout=60)
+            with contextlib.suppress(requests.exceptions.ReadTimeout):  # the client leaves after 0.3 s
+                requests.post(f"{url}/v1/generate", json={"prompt": P[2], "steps": 5}, timeout=(5, 0.3))
+            r = late.result()
+            assert r.status_code == 503 and "timeout of 1 s" in r.json()["detail"], r.text[:300]
+            assert int(r.headers["Retry-After"]) >= 1
+            busy.result()
+        deadline = time.time() + 30  # the two are dropped when the sampler is next free
+        while (health := requests.get(f"{url}/healthz", timeout=30).json())["dropped_requests"] - before < 2:
+            if time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert health["dropped_requests"] - before == 2, health
+        assert requests.post(f"{url}/v1/generate", json={"prompt": P[0], "steps": 2}, timeout=60).status_code == 200
+
+
+@pytest.mark.integration
+@pytest.mark.ray
+def test_every_replica_serves_the_version_the_alias_named_when_the_app_was_built(server, trained):
+    from mlflow import MlflowClient
+
+    from jobs.registry import register_model
+    from serve.app import build_app
+
+    name, alias = "mdm-serve-pin", "pinned"
+    first = register_model(trained["stage64"], name=name, alias=alias)
+    app = build_app({"model": f"models:/{name}@{alias}", "batch_wait_timeout_s": 0.02})
+    second = register_model(trained["stage64"], name=name, alias=alias)  # the alias moves before replicas start
+    assert second != first and MlflowClient().get_model_version_by_alias(name, alias).version == second
+    from ray import serve
+
+    serve.run(app, name="pinned", route_prefix="/pinned")
+    try:
+        info = requests.get(server.rsplit("/", 1)[0] + "/pinned/v1/model", timeout=30).json()
+        assert (info["version"], info["alias"], info["source"]) == (first, alias, f"models:/{name}@{alias}")
+    finally:
+        serve.delete("pinned")
+
+
+@pytest.mark.integration
+@pytest.mark.ray
+def test_a_failed_warm_up_fails_the_deployment(server, trained):
+    """A replica whose first sample fails (here: weights on the meta device) must not report
+    healthy and answer every request with an error."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    app = build_app({"model": str(trained["stage64"]), "device": "meta"})
+    with pytest.raises(RuntimeError, match="Deploying application broken failed"):
+        serve.run(app, name="broken", route_prefix="/broken")
+    try:
+        message = serve.status().applications["broken"].deployments["MDMServer"].message
+        assert "warm-up sample" in message and "check the device" in message, message
+    finally:
+        serve.delete("broken")
+
+
+FUZZ_TIMEOUT_S = 40
+
+
+def fuzz(url: str, key: str | None, workdir: Path) -> subprocess.CompletedProcess:
+    """Schemathesis against the endpoint's own /openapi.json, bounded in examples and time."""
+    cmd = [
+        str(Path(sys.executable).parent / "st"), "run", f"{url}/openapi.json",
+        "--checks", "all", "--exclude-checks", "use_after_free,ensure_resource_availability,object_level_authorization",
+        "--phases", "examples,coverage,fuzzing", "--max-examples", "6", "--max-time", "25", "--workers", "1",
+        "--request-timeout", "20", "--suppress-health-check", "all", "--generation-deterministic",
+    ]  # fmt: skip
+    if key:
+        cmd += ["-H", f"X-API-Key:{key}"]
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "fuzz_hooks", "PYTHONPATH": str(Path(__file__).parent)}
+    # in a folder of its own: schemathesis keeps a cache of failures (.schemathesis/) where it runs
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=FUZZ_TIMEOUT_S, env=env, cwd=workdir)
+
+
+@pytest.mark.integration
+@pytest.mark.ray
+@pytest.mark.parametrize("key", [None, "fuzz-key"], ids=["no-key", "key"])
+def test_the_openapi_says_exactly_what_the_server_accepts(server, key, tmp_path):
+    """Fuzzed from its own schema, valid and invalid: no 5xx, no valid request refused, no
+    invalid one accepted, no hang; the replica answers a valid request afterwards. The schema
+    requires X-API-Key exactly when the deployment has a key."""
+    with deployed(server, "fuzz", api_key=key, max_steps=2, max_images=1) as url:
+        headers = {"X-API-Key": key} if key else {}
+        spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+        secured = [op for ops in spec["paths"].values() for op in ops.values() if op.get("security")]
+        assert bool(secured) == bool(key) and ("securitySchemes" in spec.get("components", {})) == bool(key)
+        t0 = time.time()
+        run = fuzz(url, key, tmp_path)
+        report = "\n".join(line for line in run.stdout.splitlines() if line.isprintable() and len(line) < 300)
+        assert run.returncode == 0, report[-8000:] + run.stderr[-2000:]
+        assert time.time() - t0 < FUZZ_TIMEOUT_S
+        r = requests.post(f"{url}/v1/generate", json={"prompt": P[0], "steps": 2}, headers=headers, timeout=60)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+
+
+# ---------------------------------------------------------------- last: restarts Serve on a public address
+def test_rayservice_requires_the_api_key_secret():
+    import yaml
+
+    service = yaml.safe_load((Path(__file__).parents[1] / "infra/kuberay/rayservice.yaml").read_text())
+    spec = service["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for g in groups:
+        for c in g["template"]["spec"]["containers"]:
+            refs = [
+                e["secretRef"]
+                for e in c.get("envFrom", [])
+                if "secretRef" in e and e["secretRef"]["name"] == "mdm-serve"
+            ]
+            assert refs and not any(r.get("optional") for r in refs), (
+                f"{c['name']}: the API key Secret must be required"
+            )
+
+
+@pytest.mark.integration
+@pytest.mark.ray
+def test_without_a_key_a_replica_refuses_a_public_address_unless_allowed(server, trained):
+    """Serve's proxy on 0.0.0.0: a deployment without a key does not start (saying what to
+    do); with allow_anonymous it does. On loopback (the fuzz test above) no key is needed."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.shutdown()
+    serve.start(http_options={"host": "0.0.0.0", "port": free_port()})
+    try:
+        with pytest.raises(RuntimeError, match="Deploying application open failed"):
+            serve.run(build_app({"model": str(trained["stage64"])}), name="open", route_prefix="/open")
+        message = serve.status().applications["open"].deployments["MDMServer"].message
+        assert "refusing to serve without an API key on 0.0.0.0" in message and "allow_anonymous" in message, message
+        serve.delete("open")
+        serve.run(
+            build_app({"model": str(trained["stage64"]), "allow_anonymous": True}), name="open", route_prefix="/open"
+        )
+        serve.delete("open")
+    finally:
+        serve.shutdown()
