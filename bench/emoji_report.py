@@ -23,21 +23,20 @@ from pathlib import Path
 
 from PIL import Image
 
-MDM_PHASES = ("stage64", "stage128")
-
 
 def cumulative(summary: dict, phase: str, gpu_s: float) -> float:
     """GPU seconds since the start of the run that ``phase`` belongs to."""
     return gpu_s + (summary["stage64"]["gpu_s"] if phase == "stage128" else 0.0)
 
 
+def points(rows: list[dict], phase: str, resolution: int) -> list[dict]:
+    """The evaluation points of ``phase`` at ``resolution``, in GPU-time order."""
+    return sorted((r for r in rows if r["phase"] == phase and r["resolution"] == resolution), key=lambda r: r["gpu_s"])
+
+
 def claim(rows: list[dict], summary: dict) -> dict:
     """The paper's claim at equal GPU time: when does MDM reach the baseline's final FID at 128?"""
-    base = sorted((r for r in rows if r["phase"] == "baseline128" and r["resolution"] == 128), key=lambda r: r["gpu_s"])
-    mdm = sorted(
-        (r for r in rows if r["phase"] == "stage128" and r["resolution"] == 128),
-        key=lambda r: r["gpu_s"],
-    )
+    base, mdm = points(rows, "baseline128", 128), points(rows, "stage128", 128)
     if not base or not mdm:
         raise SystemExit("metrics.json needs 128 px points of both baseline128 and stage128")
     target = base[-1]["fid"]
@@ -65,7 +64,7 @@ def plot(rows: list[dict], summary: dict, logs: dict, path: Path) -> None:
         ("stage128", 64, "MDM at 64 px (stage 128)", "tab:cyan", "s:"),
     ]
     for phase, res, label, colour, style in series:
-        pts = sorted((r for r in rows if r["phase"] == phase and r["resolution"] == res), key=lambda r: r["gpu_s"])
+        pts = points(rows, phase, res)
         if pts:
             xs = [cumulative(summary, phase, r["gpu_s"]) for r in pts]
             ax.plot(xs, [r["fid"] for r in pts], style, color=colour, label=label)
@@ -125,10 +124,9 @@ def main() -> None:
         Image.open(args.run / ph / f"{last}_grid.png").convert("RGB").save(args.out / f"{ph}_grid.jpg", quality=88)
         prompts = json.loads((args.run / ph / f"{last}_grid_prompts.json").read_text())
         (args.out / f"{ph}_grid_prompts.json").write_text(json.dumps(prompts, indent=1) + "\n")
-    result = claim(rows, summary)
-    (args.out / "table.md").write_text(table(rows, summary) + "\n" + json.dumps(result, indent=1) + "\n")
-    print(table(rows, summary))
-    print(json.dumps(result, indent=1))
+    text = table(rows, summary) + "\n" + json.dumps(claim(rows, summary), indent=1) + "\n"
+    (args.out / "table.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -28,20 +28,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.preprocess import average_pool  # noqa: E402
-from pipelines.reader import read_manifest, shard_files  # noqa: E402
-from pipelines.storage import arrow_fs  # noqa: E402
+from pipelines.reader import read_manifest, shard_dataset  # noqa: E402
 
 
 def pack(shards: str, split: str, out: Path, parts: int = 1) -> dict:
-    import pyarrow.dataset as ds
 
     root = f"{shards.rstrip('/')}/{split}"
     manifest = read_manifest(root)
     res = manifest["resolutions"]
-    fs, _ = arrow_fs(root)
-    table = ds.dataset(shard_files(root, manifest), filesystem=fs, format="parquet").to_table(
-        columns=["key", "caption", *[f"image_{r}" for r in res]]
-    )
+    table = shard_dataset(root, manifest).to_table(columns=["key", "caption", *[f"image_{r}" for r in res]])
     table = table.sort_by("key")
     meta = {
         "split": split,

@@ -63,11 +63,9 @@ def read_heldout(
     required), taking the ``limit`` rows with the smallest ``key``.
     """
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
     from PIL import Image
 
-    from pipelines.reader import read_manifest, shard_files
-    from pipelines.storage import arrow_fs
+    from pipelines.reader import read_manifest, shard_dataset
 
     manifest = read_manifest(uri)
     stored = [r for r in resolutions if r in manifest["resolutions"]]
@@ -77,8 +75,7 @@ def read_heldout(
             f"{uri} holds resolutions {manifest['resolutions']}, not the model's top resolution {top}; "
             f"preprocess the held-out images with --resolutions including {top}"
         )
-    fs, _ = arrow_fs(uri)
-    ds = pads.dataset(shard_files(uri, manifest), filesystem=fs, format="parquet")
+    ds = shard_dataset(uri, manifest)
     keys = ds.to_table(columns=["key"]).column("key").to_pylist()
     if not keys:
         raise ValueError(f"{uri} has no rows")

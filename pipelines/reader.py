@@ -25,7 +25,7 @@ from mdm.storage import url_to_fs
 from .preprocess import MANIFEST, SCHEMA_VERSION
 from .storage import arrow_fs, join
 
-__all__ = ["read_manifest", "shard_files", "open_shards", "iter_training_batches", "to_tensors"]
+__all__ = ["read_manifest", "shard_files", "shard_dataset", "open_shards", "iter_training_batches", "to_tensors"]
 
 
 def read_manifest(uri: str) -> dict:
@@ -72,6 +72,15 @@ def shard_files(uri: str, manifest: dict | None = None) -> list[str]:
         )
     _, apath = arrow_fs(uri)
     return [join(apath, n) for n in names]
+
+
+def shard_dataset(uri: str, manifest: dict | None = None) -> Any:
+    """A ``pyarrow.dataset`` of exactly the files the manifest at ``uri`` names
+    (:func:`shard_files`), for readers that need no Ray."""
+    import pyarrow.dataset as pads
+
+    fs, _ = arrow_fs(uri)
+    return pads.dataset(shard_files(uri, manifest), filesystem=fs, format="parquet")
 
 
 def _decode(batch: dict[str, np.ndarray], columns: list[str]) -> dict[str, np.ndarray]:
