@@ -147,16 +147,26 @@ def test_many_step_ddim_agrees_with_few_step_solver(pipe64):
 
 
 def test_the_prompt_steers_the_sample(pipe64, trained):
-    """Trained on four emoji, a prompt yields an image whose colour layout (8x8 average
-    pooling at 32 px, where the tiny model has learned most) is nearest its own image."""
+    """Trained on four emoji, a prompt yields images whose colour layout (8x8 average pooling
+    at 32 px, where the tiny model has learned most) is nearer its own image than the others.
+
+    Four seeds per prompt; the mean distance to the prompt's own image over the mean distance
+    to the other three is ~0.6 for this fixture (0.56-0.60 over four training seeds, 2-core
+    CPU), ~1 for a model that ignores the prompt and above 1 for one that mixes prompts up.
+    (The nearest image alone is no test: fox face and red apple, penguin and rocket share
+    their colour layouts, so a single sample's nearest neighbour flips between machines.)"""
     from mdm.diffusion import image_pyramid
 
     caps, imgs = trained["captions"], trained["images"]
+    n, k = len(caps), 4
     x32 = F.adaptive_avg_pool2d(image_pyramid(imgs, [32])[0], 8).flatten(1)
-    outs = pipe64.generate(caps, num_samples=len(caps), steps=20, sampler="dpmpp_2m", guidance_scale=3.0, seed=0)[0]
-    dist = torch.cdist(F.adaptive_avg_pool2d(outs, 8).flatten(1), x32)  # (generated, training)
-    correct = (dist.argmin(1) == torch.arange(len(caps))).sum()
-    assert correct >= 3, dist
+    prompts = [c for c in caps for _ in range(k)]
+    outs = pipe64.generate(prompts, num_samples=n * k, steps=20, sampler="dpmpp_2m", guidance_scale=3.0, seed=0)[0]
+    layout = F.adaptive_avg_pool2d(outs, 8).flatten(1)
+    dist = torch.cdist(layout, x32).view(n, k, n).mean(1)  # (prompt, training image)
+    own = dist.diag().mean()
+    others = (dist.sum() - dist.diag().sum()) / (n * n - n)
+    assert own / others < 0.8, dist
 
 
 def test_bad_sampling_requests(pipe64):
