@@ -114,48 +114,68 @@ def register_model(
     name: str = "mdm",
     alias: str | None = None,
     run_id: str | None = None,
+    step: int | None = None,
     tags: dict[str, str] | None = None,
 ) -> str:
     """Log ``model_dir`` (config.json + model.safetensors) as a pyfunc model, register a new
     version of ``name`` and point ``alias`` at it. Returns the version.
 
     Logs into ``run_id`` when given (the training run), else into a new run of the current
-    experiment.
+    experiment. With ``run_id`` and ``step`` the registration happens once per run and step:
+    a re-run after a crash between logging, registering and moving the alias finds what the
+    first attempt made (the version by its run and ``step`` tag, the logged model by its
+    ``mdm.step`` tag) and finishes the job instead of adding an orphan version.
     """
     import mlflow
     import torch
     from mlflow import MlflowClient
 
+    client = MlflowClient()
     folder = Path(model_dir)
     config = json.loads((folder / "config.json").read_text())
-    reqs = [
-        f"torch=={torch.__version__.split('+')[0]}",
-        "numpy",
-        "pillow",
-        "safetensors",
-        "transformers",
-        "pandas",
-    ]
-    with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=f"register-{name}"):
-        info = mlflow.pyfunc.log_model(
-            signature=_signature(config),
-            name="model",
-            python_model=str(PYFUNC_CODE),
-            artifacts={"weights": str(folder)},
-            code_paths=[str(MDM_PACKAGE)],
-            pip_requirements=reqs,
-            registered_model_name=name,
-            tags={"mdm.config": config.get("name", "")},
-        )
-    version = str(info.registered_model_version)
-    client = MlflowClient()
     resolutions = config["model"]["resolutions"]
-    for key, value in {
+    version_tags = {
         "resolutions": ",".join(map(str, resolutions)),
         "config": config.get("name", ""),
+        **({"step": str(step)} if step is not None else {}),
         **(tags or {}),
-    }.items():
-        client.set_model_version_tag(name, version, key, str(value))
+    }
+    once = run_id is not None and step is not None
+    if once:
+        for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            if mv.tags.get("step") == str(step):
+                if alias:
+                    client.set_registered_model_alias(name, alias, mv.version)
+                return str(mv.version)
+    model_uri = None
+    if once:
+        found = mlflow.search_logged_models(
+            filter_string=f"source_run_id = '{run_id}' AND tags.`mdm.step` = '{step}'", output_format="list"
+        )
+        model_uri = f"models:/{found[0].model_id}" if found else None
+    if model_uri is None:
+        reqs = [
+            f"torch=={torch.__version__.split('+')[0]}",
+            "numpy",
+            "pillow",
+            "safetensors",
+            "transformers",
+            "pandas",
+        ]
+        model_tags = {"mdm.config": config.get("name", ""), **({"mdm.step": str(step)} if step is not None else {})}
+        with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=f"register-{name}"):
+            info = mlflow.pyfunc.log_model(
+                signature=_signature(config),
+                name="model",
+                python_model=str(PYFUNC_CODE),
+                artifacts={"weights": str(folder)},
+                code_paths=[str(MDM_PACKAGE)],
+                pip_requirements=reqs,
+                tags=model_tags,
+            )
+        model_uri = info.model_uri
+    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in version_tags.items()})
+    version = str(mv.version)
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return version

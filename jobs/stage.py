@@ -3,17 +3,22 @@
 ``jobs/stage_64.py``, ``stage_128.py``, ``stage_256.py`` and ``stage_1024.py`` call
 :func:`main` with their resolution. The driver (this process):
 
-1. resolves the stage config (named model config, ``--config`` file, ``--set`` overrides);
-2. finds the previous stage (``models:/mdm@stage-<R_prev>`` by default) and checks that the
-   new model grows from it, before any worker starts;
-3. opens the shards for the model's resolutions and starts ``TorchTrainer`` with DeepSpeed
-   on ``scaling.num_workers`` workers (checkpoints and resume under ``run.storage_path``);
-4. registers the final EMA weights as a version of ``mlflow.registered_model`` and moves
-   the alias ``stage-<R>``;
-5. with ``eval.shards`` set, scores those weights on the held-out shards (FID/KID at every
+1. resolves the stage config (``jobs/stage_config.py``: named model config, ``--config``
+   file, ``--set`` overrides); a re-submitted run name is checked against the config the
+   run was started with, and changes that a resume cannot honour are refused;
+2. finds the previous stage (``models:/mdm@stage-<R_prev>`` by default: the alias is
+   resolved once, that exact version loaded) and checks that the new model grows from it;
+3. checks that the Ray cluster can hold the workers and the data pipeline;
+4. opens the shards for the model's resolutions and starts ``TorchTrainer`` with DeepSpeed
+   on ``scaling.num_workers`` workers (``jobs/stage_worker.py``; checkpoints and resume
+   under ``run.storage_path``), failing the job when it makes no progress for
+   ``run.stall_timeout_s``;
+5. registers the final EMA weights as a version of ``mlflow.registered_model`` (once per
+   run and step, also when re-run after a crash) and moves the alias ``stage-<R>``;
+6. with ``eval.shards`` set, scores those weights on the held-out shards (FID/KID at every
    resolution, ``jobs/evaluate.py``) and logs the metrics and report to the stage's run.
 
-Workers run :func:`train_loop_per_worker`: the step itself is :class:`mdm.zero.ZeroTrainer`.
+Steps 1 to 3 happen before any worker starts, and each fails with what to change.
 """
 
 from __future__ import annotations
@@ -21,367 +26,41 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
-import tempfile
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mdm.config import ConfigError, MDMConfig, apply_overrides, from_dict, to_dict  # noqa: E402
-from mdm.presets import get_config, list_configs  # noqa: E402
-from mdm.training import TrainConfig  # noqa: E402
-from mdm.zero import ZeroConfig  # noqa: E402
+from jobs.stage_config import StageConfig, load_stage_config, resume_changes  # noqa: E402
+from jobs.stage_worker import train_loop_per_worker  # noqa: E402
+from mdm.config import ConfigError, to_dict  # noqa: E402
 
-__all__ = ["StageConfig", "load_stage_config", "main", "train_loop_per_worker"]
+__all__ = [
+    "StageConfig",
+    "load_stage_config",
+    "main",
+    "train_loop_per_worker",
+    "check_cluster_fits",
+    "check_resume",
+    "fit_with_watchdog",
+    "StalledError",
+]
 
-
-@dataclass
-class DataConfig:
-    shards: str = ""  # URI of the preprocessed shards (jobs/preprocess.py --out)
-    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer
-    cache: bool = False  # decode once and keep the set in Ray's object store (small sets)
-    text_emb: bool = False  # use the shards' precomputed text_emb instead of encoding captions
-
-
-@dataclass
-class Scaling:
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-
-
-@dataclass
-class RunConfigSection:
-    name: str = ""  # default: <model>-<timestamp>; re-submitting a name resumes that run
-    storage_path: str = ""  # checkpoints: s3://bucket/runs, file://... (default: state folder)
-    checkpoint_every: int = 500  # steps; the last step always checkpoints
-    keep_checkpoints: int = 2
-    max_failures: int = 3  # worker-group restarts from the last checkpoint
-    log_every: int = 10
-
-
-@dataclass
-class TrackingConfig:
-    tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI, else SQLite in the state folder
-    experiment: str = "mdm"
-    registered_model: str = "mdm"
-    register: bool = True
-    sample_every: int = 1000  # steps between sample grids (0: only at the end)
-    sample_prompts: list[str] = field(
-        default_factory=lambda: ["fox face, noto style", "red apple, fluent flat style", "rocket, openmoji style"]
-    )
-    sample_labels: list[int] = field(default_factory=lambda: [0, 1, 2])  # class-conditioned models
-    sample_steps: int = 25
-    sample_guidance: float = 3.0
-
-
-@dataclass
-class EvalConfig:
-    """FID/KID at the end of the stage (``jobs/evaluate.py`` on the final EMA weights)."""
-
-    shards: str = ""  # held-out shard set (or a folder with heldout/); "" skips the evaluation
-    num_samples: int = 256  # images generated, one per held-out caption (cycled)
-    num_real: int = 0  # held-out images compared with (0: every row)
-    steps: int = 25
-    sampler: str = "ddim"
-    guidance: float = 3.0
-    batch_size: int = 16
-
-
-@dataclass
-class StageConfig:
-    """Everything a stage job reads; ``--set a.b=v`` addresses any field."""
-
-    model: MDMConfig = field(default_factory=lambda: get_config("64"))
-    init_from: str = "auto"  # auto: the previous stage's alias; none; or models:/..., a folder, s3://...
-    train: TrainConfig = field(default_factory=TrainConfig)
-    deepspeed: ZeroConfig = field(default_factory=ZeroConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    scaling: Scaling = field(default_factory=Scaling)
-    run: RunConfigSection = field(default_factory=RunConfigSection)
-    mlflow: TrackingConfig = field(default_factory=TrackingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def validate(self) -> StageConfig:
-        self.model.validate()
-        self.train.validate()
-        self.deepspeed.validate()
-        if self.scaling.num_workers < 1:
-            raise ConfigError("scaling.num_workers: must be >= 1")
-        if self.run.checkpoint_every < 1 or self.run.log_every < 1:
-            raise ConfigError("run.checkpoint_every and run.log_every: must be >= 1")
-        if self.run.keep_checkpoints < 1:
-            raise ConfigError("run.keep_checkpoints: must be >= 1")
-        if self.run.max_failures < 0:
-            raise ConfigError("run.max_failures: must be >= 0 (-1 is not supported: failures must end a run)")
-        if self.eval.shards and (self.eval.num_samples < 1 or self.eval.steps < 1 or self.eval.num_real < 0):
-            raise ConfigError("eval.num_samples and eval.steps: must be >= 1; eval.num_real: >= 0 (0: every row)")
-        return self
-
-    @property
-    def resolution(self) -> int:
-        return self.model.model.resolutions[-1]
-
-    @property
-    def alias(self) -> str:
-        return f"stage-{self.resolution}"
-
-    def parent_source(self) -> str | None:
-        """Where the previous stage comes from, or None for the innermost stage."""
-        if self.init_from == "none":
-            return None
-        if self.init_from != "auto":
-            return self.init_from
-        res = self.model.model.resolutions
-        if len(res) == 1:
-            return None
-        return f"models:/{self.mlflow.registered_model}@stage-{res[-2]}"
-
-
-def _model_from(value: Any) -> MDMConfig:
-    """A named config (``64-128``), a path to a config.json, or a mapping."""
-    if isinstance(value, MDMConfig):
-        return value
-    if isinstance(value, str):
-        if value in list_configs():
-            return get_config(value)
-        path = Path(value)
-        if path.is_file():
-            return MDMConfig.from_json(path.read_text())
-        raise ConfigError(f"model: {value!r} is neither a named config ({', '.join(list_configs())}) nor a file")
-    return from_dict(MDMConfig, value, "model").validate()
-
-
-def load_stage_config(
-    default_model: str, config_file: str | None = None, overrides: list[str] | None = None
-) -> StageConfig:
-    """Defaults <- ``config_file`` (JSON or YAML) <- ``--set`` overrides, validated.
-
-    ``model`` may be a named config; ``--set model=tiny-64-128`` swaps the whole model
-    before the other overrides apply.
-    """
-    data: dict[str, Any] = {}
-    if config_file:
-        text = Path(config_file).read_text()
-        if config_file.endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{config_file}: expected a mapping at the top level")
-    overrides = list(overrides or [])
-    model_value: Any = data.pop("model", default_model)
-    rest = []
-    for item in overrides:
-        if item.startswith("model="):
-            model_value = item.split("=", 1)[1]
-        else:
-            rest.append(item)
-    cfg = from_dict(StageConfig, {**data, "model": to_dict(_model_from(model_value))})
-    cfg = apply_overrides(cfg, rest) if rest else cfg
-    return cfg.validate()
-
-
-# ---------------------------------------------------------------------------- the worker
-def _batches(shard, cfg: StageConfig, encoder, device, epoch_seed: int):
-    """Endless :class:`mdm.training.Batch` stream from this worker's dataset shard."""
-    import numpy as np
-    import torch
-
-    from mdm.conditioning import make_condition
-    from mdm.training import Batch
-    from mdm.unet import Condition
-    from pipelines.reader import iter_training_batches, to_tensors
-
-    res = cfg.model.model.resolutions
-    ccfg = cfg.model.model.conditioning
-    epoch = 0
-    while True:
-        got = 0
-        for b in iter_training_batches(
-            shard, cfg.train.batch_size, shuffle_buffer=cfg.data.shuffle_buffer, seed=epoch_seed + epoch
-        ):
-            got += 1
-            images = to_tensors(b, res, device="cpu")
-            n = images[0].shape[0]
-            size = torch.from_numpy(np.minimum(b["source_width"], b["source_height"]).astype("float32"))
-            if cfg.data.text_emb and ccfg.kind == "text":
-                emb = np.stack([np.frombuffer(x, dtype=np.float16) for x in b["text_emb"]])
-                tokens = torch.from_numpy(emb.reshape(n, -1, ccfg.text_dim).astype(np.float32))
-                mask = torch.arange(tokens.shape[1])[None, :] < torch.from_numpy(b["text_len"])[:, None]
-                cond = Condition(tokens, mask, None, size)
-            else:
-                captions = [str(c) for c in b["caption"]] if ccfg.kind == "text" else None
-                labels = b["label"].astype("int64").tolist() if ccfg.kind == "class" else None
-                cond = make_condition(ccfg, n, captions, labels, size, encoder, "cpu")
-            yield Batch(images, cond)
-        if got == 0:
-            raise RuntimeError(
-                f"a worker's share of {cfg.data.shards} holds fewer rows than train.batch_size="
-                f"{cfg.train.batch_size}: lower the batch size or the number of workers"
-            )
-        epoch += 1
+CONFIG_FILE = "mdm_stage_config.json"  # beside the run's checkpoints: the config it was started with
 
 
 def _log(msg: str) -> None:
     print(f"[stage] {msg}", flush=True)
 
 
-def train_loop_per_worker(payload: dict) -> None:
-    """Ray Train worker: build (or grow) the model, run ZeroTrainer, checkpoint, log."""
-    import ray
-    import ray.train
-    import torch
-
-    from mdm.conditioning import get_text_encoder, null_condition
-    from mdm.growth import grow, inner_state_dict, state_fingerprint
-    from mdm.unet import MDMModel
-    from mdm.weights import save_pretrained
-    from mdm.zero import ZeroTrainer
-
-    cfg = from_dict(StageConfig, payload["config"]).validate()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not cfg.scaling.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))  # no oversubscription
-    torch.manual_seed(cfg.train.seed)  # same fresh weights on every rank
-    mcfg = cfg.model
-    parent = payload.get("parent")
-    if parent is not None:
-        pstate = ray.get(parent["state_ref"])
-        pconfig = MDMConfig.from_json(parent["config"])
-        prev = MDMModel(pconfig.model)
-        prev.load_state_dict(pstate)
-        model = grow(prev, pconfig, mcfg)
-        inherited = inner_state_dict(prev).keys()
-        got = state_fingerprint({k: v for k, v in model.state_dict().items() if k in inherited})
-        if got != parent["inner_sha256"]:
-            raise RuntimeError(f"rank {rank}: inner weights differ from {parent['source']} after growth")
-        if rank == 0:
-            _log(
-                f"inner weights loaded exactly from {parent['source']}: {len(pstate)} tensors, "
-                f"sha256 {got[:16]}; new shell initialised (adapters at zero)"
-            )
-        del prev, pstate
-    else:
-        model = MDMModel(mcfg.model)
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.scaling.use_gpu else torch.device("cpu")
-    ccfg = mcfg.model.conditioning
-    # The frozen text encoder encodes captions (unless the shards carry text_emb) and the
-    # empty caption that caption dropout substitutes.
-    encoder = get_text_encoder(ccfg.text_encoder, ccfg.max_text_tokens, "cpu") if ccfg.kind == "text" else None
-    null = null_condition(ccfg, 1, encoder) if ccfg.kind != "none" else None
-    trainer = ZeroTrainer(model, mcfg, cfg.train, cfg.deepspeed, null=null, device=device)
-
-    start = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            trainer.load(d)
-        start = trainer.step
-        if rank == 0:
-            _log(f"resumed from the checkpoint of step {start}")
-
-    tracker = _Tracker(payload, cfg) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
-    batches = _batches(shard, cfg, None if cfg.data.text_emb else encoder, device, cfg.train.seed * 7919 + start)
-    images_per_step = cfg.train.batch_size * cfg.train.grad_accum * world
-    t0, last_step = time.perf_counter(), start
-    steps = cfg.train.steps
-    for _ in range(start, steps):
-        per_res = trainer.train_step(batches)
-        done = trainer.step
-        is_last = done == steps
-        if done % cfg.run.log_every == 0 or is_last or done == start + 1:
-            per = per_res.float().cpu().tolist()  # host sync at log steps only
-            elapsed = time.perf_counter() - t0
-            ips = images_per_step * (done - last_step) / max(elapsed, 1e-9)
-            t0, last_step = time.perf_counter(), done
-            gn = trainer.grad_norm()
-            if tracker is not None:
-                tracker.log_step(done, per, trainer.lr(), gn, ips, world)
-        sample_now = cfg.mlflow.sample_every > 0 and done % cfg.mlflow.sample_every == 0
-        ckpt_now = done % cfg.run.checkpoint_every == 0 or is_last
-        if sample_now or ckpt_now:  # the last step always checkpoints
-            ema = trainer.export_ema()  # collective under ZeRO-3
-            if tracker is not None and (sample_now or is_last):
-                tracker.log_samples(done, ema, device)
-            if ckpt_now:
-                with tempfile.TemporaryDirectory(prefix="mdm-ckpt-") as d:
-                    trainer.save(d)
-                    if rank == 0:
-                        save_pretrained(trainer.module, mcfg, Path(d) / "model", state_dict=ema)
-                    ray.train.report(
-                        {"step": done},
-                        checkpoint=ray.train.Checkpoint.from_directory(d),
-                        checkpoint_dir_name=f"step_{done:08d}",
-                    )
-                if rank == 0:
-                    _log(f"checkpoint saved at step {done}")
-
-
-class _Tracker:
-    """Rank 0's MLflow logging: metrics every log step, sample grids per resolution."""
-
-    def __init__(self, payload: dict, cfg: StageConfig):
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(payload["tracking_uri"])
-        self.run_id = payload["run_id"]
-        self.cfg = cfg
-        self.pipe = None
-
-    def log_step(self, step: int, per: list[float], lr: float, grad_norm: float | None, ips: float, world: int):
-        from mlflow.entities import Metric
-
-        res = self.cfg.model.model.resolutions
-        total = sum(w * v for w, v in zip(self.cfg.model.diffusion.weights(len(res)), per))
-        now = int(time.time() * 1000)
-        values = {"loss": total, "lr": lr, "images_per_s": ips, "images_per_s_per_worker": ips / world}
-        values.update({f"loss_{r}": v for r, v in zip(res, per)})
-        if grad_norm is not None:
-            values["grad_norm"] = grad_norm
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
-        parts = " ".join(f"{r}:{v:.4f}" for r, v in zip(res, per))
-        _log(
-            f"step {step}/{self.cfg.train.steps} loss {total:.4f} ({parts}) lr {lr:.2e} "
-            f"grad_norm {grad_norm if grad_norm is None else round(grad_norm, 3)} {ips:.1f} img/s"
-        )
-
-    def log_samples(self, step: int, ema: dict, device) -> None:
-        import torch
-
-        from mdm.data import make_grid
-        from mdm.pipeline import MDMPipeline
-        from mdm.unet import MDMModel
-
-        mcfg = self.cfg.model
-        if self.pipe is None:
-            self.pipe = MDMPipeline(MDMModel(mcfg.model), mcfg, device)
-        self.pipe.model.load_state_dict(ema)
-        kind = mcfg.model.conditioning.kind
-        n = len(self.cfg.mlflow.sample_prompts) if kind != "class" else len(self.cfg.mlflow.sample_labels)
-        n = n if kind != "none" else 4
-        with torch.no_grad():
-            images = self.pipe.generate(
-                self.cfg.mlflow.sample_prompts if kind == "text" else None,
-                num_samples=n,
-                labels=self.cfg.mlflow.sample_labels if kind == "class" else None,
-                guidance_scale=self.cfg.mlflow.sample_guidance if kind != "none" else 1.0,
-                steps=self.cfg.mlflow.sample_steps,
-                sampler="dpmpp_2m",
-                seed=0,
-            )
-        for r, x in zip(mcfg.model.resolutions, images):
-            img = make_grid(x, nrow=n, upscale_to=mcfg.model.resolutions[-1])
-            self.client.log_image(self.run_id, img, artifact_file=f"samples/step_{step:07d}_{r}px.png")
-        _log(f"sample grids of step {step} logged ({n} per resolution)")
+class StalledError(RuntimeError):
+    """The run made no progress for ``run.stall_timeout_s``."""
 
 
 # ---------------------------------------------------------------------------- the driver
@@ -420,19 +99,24 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, str]:
 
 
 def _load_parent(cfg: StageConfig) -> dict | None:
-    """Fetch and check the previous stage before any worker starts."""
+    """Fetch and check the previous stage before any worker starts.
+
+    A registry alias is resolved to a version once, and that version is what is loaded:
+    an alias that moves meanwhile cannot hand the workers another model than the one named
+    in the log and the run's parameters."""
     from mdm.growth import check_growable, inner_state_dict, state_fingerprint
     from mdm.weights import load_pretrained
 
     src = cfg.parent_source()
     if src is None:
         return None
-    version = None
+    version, load_from = None, src
     if src.startswith("models:/"):
         from jobs.registry import resolve_version
 
         name, version = resolve_version(src)  # LookupError with what to do
-    prev, pconfig = load_pretrained(src)
+        load_from = f"models:/{name}/{version}"
+    prev, pconfig = load_pretrained(load_from)
     try:
         check_growable(pconfig, cfg.model)
     except ConfigError as e:
@@ -446,6 +130,192 @@ def _load_parent(cfg: StageConfig) -> dict | None:
         "inner_sha256": state_fingerprint(inner),
         "tensors": len(inner),
     }
+
+
+# ---------------------------------------------------------------------------- resume
+def check_resume(cfg: StageConfig, fs, root: str) -> None:
+    """Before anything starts: a run with checkpoints resumes only with a config it can honour.
+
+    The config a run was started with is kept beside its checkpoints (``CONFIG_FILE``).
+    Re-submitting the run name with other values of fields a resume cannot honour (the
+    model, the ZeRO stage, the worker count, the learning rate, ...) is refused with the
+    list of what differs; changes in :data:`jobs.stage_config.RESUME_SAFE` (more steps,
+    logging, checkpoints, evaluation) are reported and kept. Writes the accepted config.
+    """
+    import pyarrow.fs as pafs
+
+    run_dir = f"{root.rstrip('/')}/{cfg.run.name}"
+    path = f"{run_dir}/{CONFIG_FILE}"
+    new = to_dict(cfg)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            stored = json.loads(f.read().decode())
+        entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+        checkpoints = [
+            e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("step_")
+        ]
+        if checkpoints:
+            safe, unsafe = resume_changes(stored, new)
+            if unsafe:
+                raise ConfigError(
+                    f"run {cfg.run.name!r} has checkpoints up to {max(checkpoints)} in {run_dir}, and this config "
+                    f"differs from the one it was started with in fields a resume cannot honour:\n  "
+                    + "\n  ".join(unsafe)
+                    + "\nSet them back to the stored values to resume, or start a new run with another --name."
+                )
+            for line in safe:
+                _log(f"resuming with a changed {line}")
+    fs.create_dir(run_dir, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(new, indent=2).encode())
+
+
+# ---------------------------------------------------------------------------- resources
+def cluster_capacity() -> dict[str, float] | None:
+    """What the connected Ray cluster can offer: ``cpus``, ``gpus`` in all, and the most
+    ``node_cpus``/``node_gpus`` of one node, with ``source`` saying whether these are the
+    autoscaler's maxima or the nodes alive now. ``None`` for an autoscaling cluster whose
+    autoscaler publishes no maxima (Ray's v1 autoscaler): what it can grow to is unknown."""
+    import ray
+
+    try:  # an autoscaling cluster (KubeRay, the cluster launcher) can grow to its configured maxima
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+        groups = [dict(g.resources) for g in config.node_group_configs if g.max_count != 0] if config else []
+        maxima = state.get_max_resources_from_cluster_config() if groups else None
+        if not groups and _autoscales_without_maxima():
+            return None
+    except Exception:  # noqa: BLE001 - private APIs; without them the live nodes are what counts
+        groups, maxima = [], None
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if maxima:
+        total, source = {k: float(v) for k, v in maxima.items()}, "the autoscaler's maxima"
+    else:
+        total, source, groups = {k: float(v) for k, v in ray.cluster_resources().items()}, "nodes alive now", []
+    per_node = groups + nodes
+    return {
+        "cpus": total.get("CPU", 0.0),
+        "gpus": total.get("GPU", 0.0),
+        "node_cpus": max((float(n.get("CPU", 0)) for n in per_node), default=0.0),
+        "node_gpus": max((float(n.get("GPU", 0)) for n in per_node), default=0.0),
+        "source": source,
+    }
+
+
+def _autoscales_without_maxima() -> bool:
+    """Ray's v1 autoscaler names node types (``ray.worker.gpu``) in its status report; a
+    fixed cluster's report names each node after itself (``node_<id>``)."""
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+    report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+    mapping = report.get("node_type_mapping") or {}
+    return bool(report.get("pending_launches")) or any(kind != f"node_{node}" for node, kind in mapping.items())
+
+
+DATA_CPUS = 1.0  # Ray Data's reading and decoding of the shards needs at least one CPU of its own
+
+
+def check_cluster_fits(cfg: StageConfig, cap: dict[str, float]) -> None:
+    """Refuse a stage the cluster cannot run, before any worker starts.
+
+    Ray would start the workers and then wait forever for the CPU that reading the shards
+    needs (Ray Data logs "Cluster resources are not enough to run any task ... may hang
+    forever"): the workers' CPUs plus one for the data pipeline must fit.
+    """
+    s = cfg.scaling
+    where = f" ({cap['source']})"
+    if s.cpus_per_worker > cap["node_cpus"]:
+        raise ConfigError(
+            f"scaling.cpus_per_worker={s.cpus_per_worker:g}: no node of the cluster has that many CPUs "
+            f"(the largest has {cap['node_cpus']:g}{where}); lower it"
+        )
+    if s.use_gpu and cap["node_gpus"] < 1:
+        raise ConfigError(
+            f"scaling.use_gpu=true, but the cluster has no GPU node{where}; add GPU nodes or set scaling.use_gpu=false"
+        )
+    if s.use_gpu and cap["gpus"] < s.num_workers:
+        raise ConfigError(
+            f"scaling.num_workers={s.num_workers} GPU workers, but the cluster has {cap['gpus']:g} GPUs{where}; "
+            f"lower scaling.num_workers to {int(cap['gpus'])} or add GPUs"
+        )
+    need = s.num_workers * s.cpus_per_worker + DATA_CPUS
+    if need > cap["cpus"] + 1e-9:
+        spare = cap["cpus"] - DATA_CPUS
+        hint = []
+        if spare > 0:
+            per = math.floor(spare / s.num_workers * 10) / 10
+            if per > 0:
+                hint.append(f"--set scaling.cpus_per_worker={per:g}")
+            if s.cpus_per_worker <= spare:
+                hint.append(f"--set scaling.num_workers={int(spare // s.cpus_per_worker)}")
+        raise ConfigError(
+            f"the cluster has {cap['cpus']:g} CPUs{where}; this stage needs {s.num_workers} workers x "
+            f"{s.cpus_per_worker:g} CPU + {DATA_CPUS:g} CPU for reading the shards = {need:g}, so its workers would "
+            "start and wait forever for their data. "
+            + (f"Try {' or '.join(hint)}, or add CPUs." if hint else "Add CPUs to the cluster.")
+        )
+
+
+# ---------------------------------------------------------------------------- progress
+def progress_board():
+    """An actor the rank-0 worker tells where it is (``jobs.stage_worker.Heartbeat``)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressBoard:
+        def __init__(self):
+            self.at, self.what = time.time(), "the trainer was started"
+
+        def beat(self, what: str) -> None:
+            self.at, self.what = time.time(), what
+
+        def last(self) -> tuple[float, str]:
+            return time.time() - self.at, self.what
+
+    return ProgressBoard.remote()
+
+
+def fit_with_watchdog(
+    fit: Callable[[], Any], last_progress: Callable[[], tuple[float, str]], stall_timeout_s: float, poll_s: float = 10.0
+) -> Any:
+    """``fit()`` in a thread; raise :class:`StalledError` once ``last_progress()`` (seconds
+    since the last progress, and what it was) says nothing moved for ``stall_timeout_s``
+    (0: wait as long as ``fit`` takes). ``fit``'s own error is re-raised."""
+    out: dict[str, Any] = {}
+
+    def target():
+        try:
+            out["value"] = fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            out["error"] = e
+
+    thread = threading.Thread(target=target, name="stage-fit", daemon=True)
+    thread.start()
+    started, seen = time.monotonic(), (0.0, "the trainer was started")
+    while True:
+        thread.join(poll_s)
+        if not thread.is_alive():
+            break
+        if not stall_timeout_s:
+            continue
+        try:
+            seen = last_progress()
+        except Exception:  # noqa: BLE001 - an unanswered poll is no news; the clock runs on
+            seen = (max(seen[0], time.monotonic() - started), seen[1])
+        age, what = seen
+        if age > stall_timeout_s:
+            raise StalledError(
+                f"no progress for {age:.0f} s (run.stall_timeout_s={stall_timeout_s:g}); the last was: {what}. "
+                'Look above for Ray\'s reasons ("Cluster resources are not enough", workers pending, a stuck '
+                "worker); the checkpoints so far are kept: fix the cause and re-submit the same run name to resume."
+            )
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def parse_args(argv: list[str] | None, resolution: int, default_model: str) -> argparse.Namespace:
@@ -464,6 +334,7 @@ def parse_args(argv: list[str] | None, resolution: int, default_model: str) -> a
             "  --set deepspeed.stage=3 --set scaling.num_workers=8 --set scaling.use_gpu=true\n"
             "  --set init_from=models:/mdm/3        previous stage by version (default: its alias)\n"
             "  --set run.name=my-run                re-submitting the same name resumes the run\n"
+            "  --set run.stall_timeout_s=3600       fail after this long without progress (0: never)\n"
             "Print every field and its default with --print_config."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -498,10 +369,17 @@ def main(argv: list[str] | None, resolution: int, default_model: str) -> int:
     except (ConfigError, LookupError, FileNotFoundError, ValueError) as e:
         print(f"stage_{resolution}: error: {e}", file=sys.stderr)
         return 2
+    except StalledError as e:
+        print(f"stage_{resolution}: error: {e}", file=sys.stderr)
+        import ray
+
+        ray.shutdown()  # this driver owns the trainer: its workers go with it
+        return 1
 
 
 def run_stage(cfg: StageConfig) -> int:
     from jobs.registry import find_or_create_run, register_model, set_tracking, state_dir
+    from pipelines.storage import arrow_fs
 
     if not cfg.data.shards:
         raise ConfigError("data.shards: set the shard folder, e.g. --set data.shards=s3://bucket/shards")
@@ -521,10 +399,21 @@ def run_stage(cfg: StageConfig) -> int:
             f"data.text_emb: the shards were encoded with {manifest.get('text_encoder')!r}, the model uses "
             f"{ccfg.text_encoder!r}; re-run preprocessing with --text_encoder {ccfg.text_encoder} or drop text_emb"
         )
+    fs, root = arrow_fs(storage)
+    check_resume(cfg, fs, root)
     tracking_uri = set_tracking(cfg.mlflow.tracking_uri or None, cfg.mlflow.experiment)
     parent = _load_parent(cfg)
     if parent:
         _log(f"previous stage: {parent['source']} ({parent['tensors']} tensors, sha256 {parent['inner_sha256'][:16]})")
+
+    import ray
+
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, ignore_reinit_error=True)
+    capacity = cluster_capacity()
+    if capacity is None:
+        _log("an autoscaler without published maxima runs this cluster: resources not checked up front")
+    else:
+        check_cluster_fits(cfg, capacity)
 
     run_id, existed = find_or_create_run(
         cfg.mlflow.experiment, name, tags={"mdm.stage": cfg.alias, "mdm.config": cfg.model.name}
@@ -544,20 +433,22 @@ def run_stage(cfg: StageConfig) -> int:
     else:
         _log(f"MLflow run {run_id} exists for {name}: resuming it")
 
-    import ray
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.storage import arrow_fs
-
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, ignore_reinit_error=True)
     # The step log lines are the progress display; Ray Data's per-epoch bars would drown them.
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = open_shards(cfg.data.shards, cfg.model.model.resolutions, with_text_emb=cfg.data.text_emb)
     if cfg.data.cache:
         ds = ds.materialize()
-    payload: dict[str, Any] = {"config": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id}
+    board = progress_board()
+    payload: dict[str, Any] = {
+        "config": to_dict(cfg),
+        "tracking_uri": tracking_uri,
+        "run_id": run_id,
+        "progress": board,
+    }
     if parent:
         payload["parent"] = {
             "source": parent["source"],
@@ -565,7 +456,6 @@ def run_stage(cfg: StageConfig) -> int:
             "inner_sha256": parent["inner_sha256"],
             "state_ref": ray.put(parent.pop("state")),
         }
-    fs, root = arrow_fs(storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,
@@ -584,7 +474,11 @@ def run_stage(cfg: StageConfig) -> int:
         datasets={"train": ds},
     )
     _log(f"run {name}: {cfg.scaling.num_workers} workers, ZeRO-{cfg.deepspeed.stage}, checkpoints in {storage}/{name}")
-    result = trainer.fit()
+    result = fit_with_watchdog(trainer.fit, lambda: ray.get(board.last.remote(), timeout=30), cfg.run.stall_timeout_s)
+    try:
+        _log(f"last progress from the workers: {ray.get(board.last.remote(), timeout=30)[1]}")
+    except Exception:  # noqa: BLE001 - informational only
+        pass
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     if result.checkpoint is None:
@@ -600,7 +494,8 @@ def run_stage(cfg: StageConfig) -> int:
                 name=cfg.mlflow.registered_model,
                 alias=cfg.alias,
                 run_id=run_id,
-                tags={"run_name": name, "step": str(meta["step"]), "init_from": parent["source"] if parent else ""},
+                step=meta["step"],
+                tags={"run_name": name, "init_from": parent["source"] if parent else ""},
             )
             _log(f"registered models:/{cfg.mlflow.registered_model}/{version} as @{cfg.alias}")
             print(json.dumps({"run": name, "step": meta["step"], "version": version, "alias": cfg.alias}))

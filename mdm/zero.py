@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +37,51 @@ from .training import Batch, TrainConfig, TrainStep, lr_multiplier, make_optimiz
 from .unet import Condition
 from .weights import ema_decay
 
-__all__ = ["ZeroConfig", "ZeroTrainer", "ShardedEMA", "deepspeed_config"]
+__all__ = ["ZeroConfig", "ZeroTrainer", "ShardedEMA", "deepspeed_config", "CHECKPOINT_GLOBALS"]
 
 STATE_TAG = "state"
+
+# The only classes DeepSpeed 0.19's ZeRO checkpoints hold besides tensors and containers
+# (found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3 files).
+# Checkpoints are read with ``weights_only=True`` and these alone allowed: whoever can
+# write the run storage can then make a load fail, but never run code in a worker.
+CHECKPOINT_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _checkpoint_globals() -> list:
+    import importlib
+
+    out = []
+    for path in CHECKPOINT_GLOBALS:
+        module, name = path.rsplit(".", 1)
+        out.append(getattr(importlib.import_module(module), name))
+    return out
+
+
+def _weights_only_engine(config_params):
+    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``.
+
+    DeepSpeed's own engine calls ``torch.load(weights_only=False)``: a crafted optimizer
+    file in the run storage would run arbitrary code in every worker that resumes."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(_checkpoint_globals()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise pickle.UnpicklingError(
+                    f"{path} holds objects a DeepSpeed checkpoint does not (refused, nothing of it was run): "
+                    f"{str(e).splitlines()[0][:300]}. If a newer DeepSpeed writes a new class into its "
+                    "checkpoints, add it to mdm.zero.CHECKPOINT_GLOBALS after checking it is plain data."
+                ) from None
+
+    return WeightsOnlyCheckpointEngine(config_params)
 
 
 @dataclass
@@ -213,6 +256,8 @@ class ZeroTrainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
         )
+        # Loads never unpickle code (see _weights_only_engine); saving is DeepSpeed's own.
+        self.engine.checkpoint_engine = _weights_only_engine(self.engine._config)
         self.step_fn = TrainStep(self.engine, config, null)
         self.ema = ShardedEMA(self.engine.module, train.ema_decay)
         # Per-rank stream of noise, timesteps and caption dropout.

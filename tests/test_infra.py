@@ -309,34 +309,39 @@ SERVE_KEY_SECRET = "mdm-serve"
 
 
 def test_tracking_uri_and_object_store_credentials_reach_every_ray_container():
+    """Every Ray container gets the tracking URI and one object-store Secret: the training
+    cluster's, or (the sampler) a read-only one of its own, so a sampler pod cannot rewrite
+    the checkpoints training resumes from."""
     config_map = only("ConfigMap")
     assert config_map["data"].get("MLFLOW_TRACKING_URI", "").startswith("http")
-    secrets = set()
-    for path, doc in [*kuberay("RayCluster"), *kuberay("RayService")]:
-        for group, c in ray_containers(ray_cluster_spec(doc)):
-            where = f"{path.name} {group}"
-            sources = c.get("envFrom", [])
-            maps = [s["configMapRef"]["name"] for s in sources if "configMapRef" in s]
-            assert config_map["metadata"]["name"] in maps, f"{where}: no envFrom of the ConfigMap"
-            # the sampler's API key Secret (RayService only) is checked in test_serve.py; the
-            # object-store credentials are one required Secret in every container
-            required = [
-                s["secretRef"]["name"]
-                for s in sources
-                if "secretRef" in s
-                and not s["secretRef"].get("optional")
-                and s["secretRef"]["name"] != SERVE_KEY_SECRET
-            ]
-            assert len(required) == 1, f"{where}: expected one required credentials Secret, got {required}"
-            secrets.update(required)
-            for env in c.get("env", []):  # never a credential as a literal in a manifest
-                assert not (env["name"].startswith("AWS_") and "value" in env), f"{where}: literal {env['name']}"
-    (secret,) = secrets
+    secrets: dict[str, set[str]] = {"RayCluster": set(), "RayService": set()}
+    for kind in secrets:
+        for path, doc in kuberay(kind):
+            for group, c in ray_containers(ray_cluster_spec(doc)):
+                where = f"{path.name} {group}"
+                sources = c.get("envFrom", [])
+                maps = [s["configMapRef"]["name"] for s in sources if "configMapRef" in s]
+                assert config_map["metadata"]["name"] in maps, f"{where}: no envFrom of the ConfigMap"
+                # the sampler's API key Secret (RayService only) is checked in test_serve.py
+                required = [
+                    s["secretRef"]["name"]
+                    for s in sources
+                    if "secretRef" in s
+                    and not s["secretRef"].get("optional")
+                    and s["secretRef"]["name"] != SERVE_KEY_SECRET
+                ]
+                assert len(required) == 1, f"{where}: expected one required credentials Secret, got {required}"
+                secrets[kind].update(required)
+                for env in c.get("env", []):  # never a credential as a literal in a manifest
+                    assert not (env["name"].startswith("AWS_") and "value" in env), f"{where}: literal {env['name']}"
+    (training,), (serving,) = secrets["RayCluster"], secrets["RayService"]
+    assert training != serving, "the sampler must not hold the training cluster's object-store keys"
     readme = README.read_text().replace("\\\n", " ")
-    create = re.search(rf"kubectl create secret generic {secret}\b[^\n]*", readme)
-    assert create, f"infra/README.md does not show how to create the Secret {secret}"
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        assert f"--from-literal={key}=" in create.group(0)
+    for secret in (training, serving):
+        create = re.search(rf"kubectl create secret generic {secret} [^\n]*", readme)
+        assert create, f"infra/README.md does not show how to create the Secret {secret}"
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert f"--from-literal={key}=" in create.group(0), secret
 
 
 # ---------------------------------------------------------------------------- image and versions

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,6 +159,7 @@ def test_stage_64_survives_a_killed_worker_then_registers(stack):
     ]
     assert resumed and resumed[0] >= 4 and resumed[0] % 4 == 0, logs[-5000:]
     assert "finished at step 24" in logs
+    assert re.search(r"last progress from the workers: [^\n]*step 24", logs), "the stall watchdog hears the workers"
     assert f"registered models:/{MODEL}/1 as @stage-64" in logs
 
     client_ml, run = mlflow_run("ci-64")
@@ -265,6 +267,32 @@ def test_previous_stage_problems_fail_before_any_worker_starts(stack, tmp_path, 
     assert "unknown key 'stepz'" in capsys.readouterr().err
     assert main(["--set", "model=tiny-64"], 64, "64") == 2
     assert "data.shards" in capsys.readouterr().err
+
+
+def test_resuming_with_a_config_the_checkpoints_cannot_take_fails_before_any_worker_starts(stack, capsys):
+    """ci-64 has ZeRO-2 checkpoints of 2 workers: ZeRO-3 would fail inside DeepSpeed on every restart."""
+    from jobs.stage import main
+
+    args = common("ci-64") + ["--set", "model=tiny-64", "--set", "train.steps=28", "--set", "deepspeed.stage=3"]
+    t0 = time.monotonic()
+    assert main(args, 64, "64") == 2
+    err = capsys.readouterr().err
+    assert "deepspeed.stage: 2 -> 3" in err and "another --name" in err, err
+    assert "train.steps" not in err
+    assert time.monotonic() - t0 < 60
+
+
+def test_a_stage_the_cluster_cannot_hold_fails_at_once_saying_what_to_change(stack, capsys):
+    """README's stage defaults (2 workers x 1 CPU) on this 2-CPU cluster used to start both
+    workers and then wait forever for a CPU to read the shards with."""
+    from jobs.stage import main
+
+    args = common("ci-too-big") + ["--set", "model=tiny-64", "--set", "scaling.cpus_per_worker=1"]
+    t0 = time.monotonic()
+    assert main(args, 64, "64") == 2
+    err = capsys.readouterr().err
+    assert "the cluster has 2 CPUs" in err and "--set scaling.cpus_per_worker=0.5" in err, err
+    assert time.monotonic() - t0 < 60
 
 
 def test_job_scripts_document_their_options():

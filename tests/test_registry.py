@@ -53,3 +53,70 @@ def test_missing_alias_is_a_clear_error(mlflow_server):
     set_tracking(None, "registry-test")
     with pytest.raises(LookupError, match="Train the previous stage first"):
         resolve_version("models:/no-such-model@stage-64")
+
+
+def test_a_crash_between_registering_and_the_alias_leaves_no_orphan_on_the_rerun(mlflow_server, trained, monkeypatch):
+    """The stage job registers, then moves the alias; killed in between (or between logging
+    the model and registering it), the re-submitted run must finish that registration, not
+    add a second version of the same weights."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from jobs.registry import find_or_create_run, register_model, set_tracking
+
+    set_tracking(None, "registry-test")
+    run_id, _ = find_or_create_run("registry-test", "registration-once")
+    name = "mdm-registry-once"
+    client = MlflowClient()
+
+    def gone(*args, **kwargs):
+        raise ConnectionError("the tracking server went away")
+
+    with monkeypatch.context() as m:  # killed after logging the model, before registering it
+        m.setattr(mlflow, "register_model", gone)
+        with pytest.raises(ConnectionError):
+            register_model(trained["stage64"], name=name, alias="stage-64", run_id=run_id, step=60)
+    with monkeypatch.context() as m:  # re-run: registered now, killed before the alias moves
+        m.setattr(MlflowClient, "set_registered_model_alias", gone)
+        with pytest.raises(ConnectionError):
+            register_model(trained["stage64"], name=name, alias="stage-64", run_id=run_id, step=60)
+    version = register_model(trained["stage64"], name=name, alias="stage-64", run_id=run_id, step=60)
+
+    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == [version]
+    assert client.get_model_version_by_alias(name, "stage-64").version == version
+    logged = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    assert len(logged) == 1, "the re-runs reused the model the first attempt logged"
+    assert register_model(trained["stage64"], name=name, alias="stage-64", run_id=run_id, step=60) == version
+
+    # the same run resumed with more steps registers its new weights as a new version
+    later = register_model(trained["stage64"], name=name, alias="stage-64", run_id=run_id, step=80)
+    assert int(later) == int(version) + 1
+    assert client.get_model_version(name, later).tags["step"] == "80"
+
+
+def test_the_parent_alias_is_resolved_once_and_that_version_is_loaded(mlflow_server, trained, tmp_path, monkeypatch):
+    """A stage that grows ``models:/…@stage-32`` loads the version the alias named when it was
+    resolved (and logged), even if the alias moves before the weights are read."""
+    from jobs import registry
+    from jobs.registry import register_model, set_tracking
+    from jobs.stage import _load_parent
+    from jobs.stage_config import load_stage_config
+    from mdm import MDMModel, get_config, load_pretrained, save_pretrained
+    from mdm.growth import inner_state_dict, state_fingerprint
+
+    set_tracking(None, "registry-test")
+    name = "mdm-registry-parent"
+    first = register_model(trained["stage32"], name=name, alias="stage-32")
+    cfg32 = get_config("tiny-32")
+    save_pretrained(MDMModel(cfg32.model), cfg32, tmp_path / "other32")  # other weights, same config
+    moved = register_model(tmp_path / "other32", name=name, alias="stage-32")
+    resolve = registry.resolve_version
+    # the alias pointed at `first` when it was resolved, and at `moved` from then on
+    monkeypatch.setattr(registry, "resolve_version", lambda src: (resolve(src)[0], first))
+
+    cfg = load_stage_config("tiny-32-64", None, [f"init_from=models:/{name}@stage-32"])
+    parent = _load_parent(cfg)
+    assert parent["source"] == f"models:/{name}@stage-32 (version {first})"
+    want, _ = load_pretrained(trained["stage32"])
+    assert parent["inner_sha256"] == state_fingerprint(inner_state_dict(want))
+    assert moved != first

@@ -10,6 +10,9 @@ autocast only, so the behaviour itself shows on a GPU alone (``bench/zero_step.p
 
 from __future__ import annotations
 
+import pickle
+
+import pytest
 import torch
 
 from mdm.training import TrainConfig
@@ -20,3 +23,61 @@ def test_config_keeps_autocast_inside_the_engine():
     cfg = deepspeed_config(TrainConfig(), ZeroConfig(), 1, torch.bfloat16)
     assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "torch_autocast" not in deepspeed_config(TrainConfig(), ZeroConfig(), 1, None)
+
+
+def _tiny_trainer(stage: int):
+    from mdm import MDMModel, get_config
+    from mdm.zero import ZeroTrainer
+
+    cfg = get_config("tiny-32")
+    cfg.model.conditioning.kind = "none"
+    torch.manual_seed(0)
+    return ZeroTrainer(MDMModel(cfg.model), cfg, TrainConfig(batch_size=2, warmup_steps=1), ZeroConfig(stage=stage))
+
+
+def _batches():
+    from mdm.training import Batch
+    from mdm.unet import Condition
+
+    g = torch.Generator().manual_seed(0)
+    while True:
+        yield Batch([torch.rand(2, 3, 32, 32, generator=g) * 2 - 1], Condition())
+
+
+class _Payload:
+    """Unpickling this runs ``touch <marker>``: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_checkpoint_resumes_but_code_pickled_into_it_never_runs(tmp_path, stage):
+    """Whoever can write the run storage must not run code in the workers that resume from
+    it: DeepSpeed's own loader unpickles anything (``weights_only=False``)."""
+    trainer = _tiny_trainer(stage)
+    batches = _batches()
+    for _ in range(2):
+        trainer.train_step(batches)
+    trainer.save(tmp_path / "ckpt")
+    ref = {k: v.clone() for k, v in trainer.export_ema().items()}
+
+    trainer.train_step(batches)  # move on, then resume: weights, optimizer and step come back
+    assert trainer.load(tmp_path / "ckpt")["step"] == 2 and trainer.step == 2
+    for k, v in trainer.export_ema().items():  # the EMA (gathered under ZeRO-3) comes back too
+        assert torch.equal(v, ref[k]), k
+    trainer.train_step(batches)
+
+    optim = next((tmp_path / "ckpt" / "state").glob("*optim_states.pt"))
+    state = torch.load(optim, weights_only=False)  # trusted here: we wrote it
+    marker = tmp_path / "code-ran"
+    state["payload"] = _Payload(marker)
+    torch.save(state, optim)
+    with pytest.raises(pickle.UnpicklingError, match="refused, nothing of it was run"):
+        trainer.load(tmp_path / "ckpt")
+    assert not marker.exists(), "the checkpoint's pickled code ran"
