@@ -63,17 +63,34 @@ def random_batches():
         yield Batch([torch.rand(2, 3, 32, 32, generator=g) * 2 - 1], Condition())
 
 
+def run_loop(trainer, cfg, tracker, samples, reported: list[int], log=print) -> None:
+    """``run_steps`` from step 0 on random batches; ``reported`` gets the steps whose
+    checkpoints were handed over."""
+    from jobs.stage_worker import run_steps
+
+    try:
+        run_steps(
+            trainer,
+            random_batches(),
+            cfg,
+            start=0,
+            tracker=tracker,
+            samples=samples,
+            report=lambda folder, step: reported.append(step),
+            log=log,
+        )
+    finally:
+        tracker.close(timeout_s=30)
+
+
 def test_an_unreachable_mlflow_costs_the_metrics_not_the_run(trainer_factory, monkeypatch):
     """MLflow answers nothing (a port nobody listens on): every step still runs, every
     checkpoint is still handed over, and what could not be sent is counted and said."""
-    from jobs.stage_worker import run_steps
-
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     cfg = stage_config()
     trainer = trainer_factory(cfg)
     said: list[str] = []
     tracker = Tracker(f"http://127.0.0.1:{free_port()}", "no-such-run", attempts=2, backoff_s=0.01, log=said.append)
-    reported: list[int] = []
     sampled: list[int] = []
 
     def samples(step, ema):
@@ -82,17 +99,8 @@ def test_an_unreachable_mlflow_costs_the_metrics_not_the_run(trainer_factory, mo
 
         return [(Image.new("RGB", (8, 8)), f"samples/step_{step:07d}_32px.png")]
 
-    run_steps(
-        trainer,
-        random_batches(),
-        cfg,
-        start=0,
-        tracker=tracker,
-        samples=samples,
-        report=lambda folder, step: reported.append(step),
-        log=said.append,
-    )
-    tracker.close(timeout_s=30)
+    reported: list[int] = []
+    run_loop(trainer, cfg, tracker, samples, reported, log=said.append)
     assert trainer.step == 6
     assert reported == [2, 4, 6]
     assert sampled == [3, 6]
@@ -105,8 +113,6 @@ def test_an_unreachable_mlflow_costs_the_metrics_not_the_run(trainer_factory, mo
 def test_the_step_that_samples_and_checkpoints_saves_first(trainer_factory, monkeypatch):
     """Sampling at step 4 fails (say the GPU runs out of memory): the checkpoint of step 4
     was handed over before, so a restart resumes from step 4, not 2."""
-    from jobs.stage_worker import run_steps
-
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     cfg = stage_config("mlflow.sample_every=4")
     trainer = trainer_factory(cfg)
@@ -117,16 +123,8 @@ def test_the_step_that_samples_and_checkpoints_saves_first(trainer_factory, monk
 
     tracker = Tracker("http://127.0.0.1:1", "x", attempts=1, backoff_s=0, log=lambda s: None)
     with pytest.raises(RuntimeError, match="out of memory"):
-        run_steps(
-            trainer,
-            random_batches(),
-            cfg,
-            start=0,
-            tracker=tracker,
-            samples=samples,
-            report=lambda d, s: reported.append(s),
-        )
-    tracker.close(timeout_s=5)
+        run_loop(trainer, cfg, tracker, samples, reported)
+    assert trainer.step == 4
     assert reported == [2, 4]
 
 
