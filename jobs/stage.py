@@ -151,10 +151,7 @@ def check_resume(cfg: StageConfig, fs, root: str) -> None:
     if info.type == pafs.FileType.File:
         with fs.open_input_stream(path) as f:
             stored = json.loads(f.read().decode())
-        entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
-        checkpoints = [
-            e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("step_")
-        ]
+        checkpoints = _checkpoint_dirs(fs, run_dir)
         if checkpoints:
             safe, unsafe = resume_changes(stored, new)
             if unsafe:
@@ -166,9 +163,19 @@ def check_resume(cfg: StageConfig, fs, root: str) -> None:
                 )
             for line in safe:
                 _log(f"resuming with a changed {line}")
+    elif _checkpoint_dirs(fs, run_dir):
+        _log(f"{run_dir} has checkpoints but no {CONFIG_FILE} (an older run): its config cannot be compared")
     fs.create_dir(run_dir, recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(new, indent=2).encode())
+
+
+def _checkpoint_dirs(fs, run_dir: str) -> list[str]:
+    """The names of the run's checkpoint folders (``step_<N>``, as the worker reports them)."""
+    import pyarrow.fs as pafs
+
+    entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    return [e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("step_")]
 
 
 # ---------------------------------------------------------------------------- resources
