@@ -140,15 +140,13 @@ def register_model(
         **({"step": str(step)} if step is not None else {}),
         **(tags or {}),
     }
-    once = run_id is not None and step is not None
-    if once:
+    model_uri = None
+    if run_id is not None and step is not None:  # once per run and step
         for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
             if mv.tags.get("step") == str(step):
                 if alias:
                     client.set_registered_model_alias(name, alias, mv.version)
                 return str(mv.version)
-    model_uri = None
-    if once:
         found = mlflow.search_logged_models(
             filter_string=f"source_run_id = '{run_id}' AND tags.`mdm.step` = '{step}'", output_format="list"
         )

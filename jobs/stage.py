@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.stage_config import StageConfig, load_stage_config, resume_changes  # noqa: E402
+from jobs.stage_config import StageConfig, flatten, load_stage_config, resume_changes  # noqa: E402
 from jobs.stage_worker import train_loop_per_worker  # noqa: E402
 from mdm.config import ConfigError, to_dict  # noqa: E402
 
@@ -85,17 +85,12 @@ def evaluate_stage(cfg: StageConfig, model_dir: Path, run_id: str, tracking_uri:
         )
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-    elif isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
-        for i, v in enumerate(d):
-            out.update(_flatten(v, f"{prefix}{i}."))
-    else:
-        out[prefix[:-1]] = json.dumps(d) if isinstance(d, (list, bool)) or d is None else str(d)
-    return out
+def _params(cfg: StageConfig) -> dict[str, str]:
+    """The config as MLflow params: dotted keys, lists, booleans and null as JSON."""
+    return {
+        k: json.dumps(v) if isinstance(v, (list, bool)) or v is None else str(v)
+        for k, v in flatten(to_dict(cfg)).items()
+    }
 
 
 def _load_parent(cfg: StageConfig) -> dict | None:
@@ -198,10 +193,9 @@ def cluster_capacity() -> dict[str, float] | None:
         groups, maxima = [], None
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if maxima:
-        total, source = {k: float(v) for k, v in maxima.items()}, "the autoscaler's maxima"
+        total, source, per_node = {k: float(v) for k, v in maxima.items()}, "the autoscaler's maxima", groups + nodes
     else:
-        total, source, groups = {k: float(v) for k, v in ray.cluster_resources().items()}, "nodes alive now", []
-    per_node = groups + nodes
+        total, source, per_node = {k: float(v) for k, v in ray.cluster_resources().items()}, "nodes alive now", nodes
     return {
         "cpus": total.get("CPU", 0.0),
         "gpus": total.get("GPU", 0.0),
@@ -430,7 +424,7 @@ def run_stage(cfg: StageConfig) -> int:
 
     client = MlflowClient()
     if not existed:
-        params = _flatten(to_dict(cfg))
+        params = _params(cfg)
         if parent:
             params["init.source"] = parent["source"]
             params["init.inner_sha256"] = parent["inner_sha256"]
@@ -481,9 +475,13 @@ def run_stage(cfg: StageConfig) -> int:
         datasets={"train": ds},
     )
     _log(f"run {name}: {cfg.scaling.num_workers} workers, ZeRO-{cfg.deepspeed.stage}, checkpoints in {storage}/{name}")
-    result = fit_with_watchdog(trainer.fit, lambda: ray.get(board.last.remote(), timeout=30), cfg.run.stall_timeout_s)
+
+    def last_progress() -> tuple[float, str]:
+        return ray.get(board.last.remote(), timeout=30)
+
+    result = fit_with_watchdog(trainer.fit, last_progress, cfg.run.stall_timeout_s)
     try:
-        _log(f"last progress from the workers: {ray.get(board.last.remote(), timeout=30)[1]}")
+        _log(f"last progress from the workers: {last_progress()[1]}")
     except Exception:  # noqa: BLE001 - informational only
         pass
     if result.error is not None:

@@ -21,6 +21,7 @@ __all__ = [
     "StageConfig",
     "load_stage_config",
     "resume_changes",
+    "flatten",
     "RESUME_SAFE",
 ]
 
@@ -196,14 +197,14 @@ RESUME_SAFE = (
 )
 
 
-def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     """Dotted keys (list items of mappings by index, as ``--set`` addresses them) -> values."""
     items = d.items() if isinstance(d, dict) else enumerate(d) if _mappings(d) else None
     if items is None:
         return {prefix[:-1]: d}
     out: dict[str, Any] = {}
     for k, v in items:
-        out.update(_leaves(v, f"{prefix}{k}."))
+        out.update(flatten(v, f"{prefix}{k}."))
     return out
 
 
@@ -215,7 +216,7 @@ def resume_changes(stored: dict, new: dict) -> tuple[list[str], list[str]]:
     """``(safe, unsafe)``: the dotted fields whose values differ between the config a run
     was started with (``stored``, as ``to_dict`` wrote it) and ``new``, each as
     ``"field: old -> new"``."""
-    old_leaves, new_leaves = _leaves(stored), _leaves(new)
+    old_leaves, new_leaves = flatten(stored), flatten(new)
     safe, unsafe = [], []
     for key in sorted(set(old_leaves) | set(new_leaves)):
         a, b = old_leaves.get(key, "<absent>"), new_leaves.get(key, "<absent>")

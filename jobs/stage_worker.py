@@ -119,8 +119,8 @@ def run_steps(
             elapsed = time.perf_counter() - t0
             ips = images_per_step * (done - last_step) / max(elapsed, 1e-9)
             t0, last_step = time.perf_counter(), done
-            gn, lr = trainer.grad_norm(), trainer.lr()
             if rank == 0:
+                gn, lr = trainer.grad_norm(), trainer.lr()
                 total = sum(w * v for w, v in zip(weights, per))
                 values = {"loss": total, "lr": lr, "images_per_s": ips, "images_per_s_per_worker": ips / world}
                 values.update({f"loss_{r}": v for r, v in zip(res, per)})

@@ -9,7 +9,6 @@ except in :meth:`Tracker.close`, which waits a bounded time for what is still qu
 from __future__ import annotations
 
 import collections
-import io
 import threading
 import time
 from collections.abc import Callable
@@ -61,17 +60,9 @@ class Tracker:
         self._put(f"metrics of step {step}", lambda: self.client.log_batch(self.run_id, metrics=metrics))
 
     def log_image(self, image, artifact_file: str) -> None:
-        """``image``: a PIL image, encoded now (the caller may reuse its buffers)."""
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        data = buf.getvalue()
-
-        def send():
-            from PIL import Image
-
-            self.client.log_image(self.run_id, Image.open(io.BytesIO(data)), artifact_file=artifact_file)
-
-        self._put(artifact_file, send)
+        """``image``: a PIL image, copied now (the caller may reuse it)."""
+        copy = image.copy()
+        self._put(artifact_file, lambda: self.client.log_image(self.run_id, copy, artifact_file=artifact_file))
 
     def close(self, timeout_s: float = 120.0) -> None:
         """Wait up to ``timeout_s`` for queued items, then stop; what is left is dropped."""
