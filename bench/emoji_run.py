@@ -87,7 +87,10 @@ class GPUSet:
         self.device = device
 
     def images(self, idx: torch.Tensor, resolutions: list[int]) -> list[torch.Tensor]:
-        return [self.pixels[r][idx].float().div_(127.5).sub_(1.0).contiguous(memory_format=torch.channels_last) for r in resolutions]
+        return [
+            self.pixels[r][idx].float().div_(127.5).sub_(1.0).contiguous(memory_format=torch.channels_last)
+            for r in resolutions
+        ]
 
     def batches(self, batch: int, resolutions: list[int], seed: int):
         g = torch.Generator(self.device).manual_seed(seed)
@@ -166,7 +169,9 @@ def train_phase(name, cfg, model, train_set, heldout, encoder, args, seconds: fl
             ips = steps_since * args.batch / (now - step_t)
             history.append({"step": trainer.step, "gpu_s": round(gpu_s, 2), "loss": losses, "img_per_s": round(ips, 1)})
             if trainer.step % 200 == 0:
-                log(f"{name}: step {trainer.step} gpu {gpu_s:.0f}s loss {[round(v, 4) for v in losses]} {ips:.0f} img/s")
+                log(
+                    f"{name}: step {trainer.step} gpu {gpu_s:.0f}s loss {[round(v, 4) for v in losses]} {ips:.0f} img/s"
+                )
             if gpu_s >= min(next_eval, seconds):
                 ema = trainer.export_ema()
                 eval_model = MDMModel(cfg.model).to(device)

@@ -7,12 +7,15 @@ work), then, in one run on the same files:
 - plain: one process, for each file read bytes -> ``process_image`` (decode, crop, resize
   with antialiasing, average-pool, PNG-encode every resolution) -> one Parquet file;
 - ray: ``jobs/preprocess.py``'s pipeline (``open_source`` + ``preprocess``) on a local Ray
-  with ``--cpus`` CPUs (Ray started before the clock).
+  with C CPUs for each C of ``--cpus`` (Ray started, and its workers warmed, before the
+  clock), on ``--images_per_cpu`` x C of the files when that is given (so every arm runs
+  long enough to time), else on all of them.
 
 Prints images/s and images/s per core for both and their ratio. Goal: ray per core >= 1.0x
 plain (Ray adds parallelism, not overhead) and total images/s growing with cores.
 
     python bench/preprocess.py --images 240 --cpus 2
+    python bench/preprocess.py --images 1920 --plain_images 240 --images_per_cpu 120 --cpus 1 4 8 16
 """
 
 from __future__ import annotations
@@ -36,22 +39,31 @@ from pipelines.preprocess import PreprocessConfig, preprocess, process_image  # 
 from pipelines.sources import open_source  # noqa: E402
 
 
-def make_sources(folder: Path, n: int, size: int = 1024) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+def _make_source(job: tuple[Path, int, int]) -> None:
+    folder, i, size = job
     emoji = sorted((ASSETS / "emoji").glob("*.png"))
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        base = Image.open(emoji[i % len(emoji)]).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        arr = np.asarray(base, dtype=np.int16) + rng.integers(-12, 13, (size, size, 3), dtype=np.int16)
-        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-        img.save(folder / f"{i:05d}.jpg", quality=90)
-        (folder / f"{i:05d}.txt").write_text(emoji[i % len(emoji)].stem.replace("_", " "))
+    rng = np.random.default_rng(i)
+    base = Image.open(emoji[i % len(emoji)]).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    arr = np.asarray(base, dtype=np.int16) + rng.integers(-12, 13, (size, size, 3), dtype=np.int16)
+    img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    img.save(folder / f"{i:05d}.jpg", quality=90)
+    (folder / f"{i:05d}.txt").write_text(emoji[i % len(emoji)].stem.replace("_", " "))
 
 
-def plain_loop(folder: Path, out: Path, cfg: PreprocessConfig) -> tuple[float, int]:
+def make_sources(folder: Path, n: int, size: int = 1024) -> None:
+    """n JPEGs of the shipped emoji with grain, made on every core (not part of any timing)."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(_make_source, [(folder, i, size) for i in range(n)], chunksize=8))
+
+
+def plain_loop(folder: Path, out: Path, cfg: PreprocessConfig, limit: int | None = None) -> tuple[float, int]:
     t0 = time.perf_counter()
     rows: dict[str, list] = {}
-    for path in sorted(folder.glob("*.jpg")):
+    for path in sorted(folder.glob("*.jpg"))[:limit]:
         result, reason = process_image(path.read_bytes(), cfg)
         if result is None:
             continue
@@ -66,7 +78,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=240, help="number of 1024-px JPEG sources (default 240)")
     p.add_argument("--resolutions", default="64,128,256,512", help="output resolutions (default 64,128,256,512)")
-    p.add_argument("--cpus", type=int, default=2, help="CPUs given to the local Ray (default 2)")
+    p.add_argument(
+        "--cpus", type=int, nargs="+", default=[2], help="CPUs given to the local Ray, one arm each (default 2)"
+    )
+    p.add_argument("--plain_images", type=int, default=None, help="files the plain loop times (default: all)")
+    p.add_argument("--images_per_cpu", type=int, default=None, help="files per CPU in each Ray arm (default: all)")
     p.add_argument("--shard_rows", type=int, default=64, help="rows per shard (default 64)")
     p.add_argument("--workdir", default=None, help="where to put sources and outputs (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -76,38 +92,44 @@ def main() -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mdm-bench-pre-"))
     src = work / "sources"
-    if not src.exists():
+    if len(list(src.glob("*.jpg"))) < args.images:
         make_sources(src, args.images)
     cfg = PreprocessConfig([int(r) for r in args.resolutions.split(",")], shard_rows=args.shard_rows)
     (work / "plain").mkdir(exist_ok=True)
-    plain_s, plain_n = plain_loop(src, work / "plain", cfg)
+    plain_s, plain_n = plain_loop(src, work / "plain", cfg, args.plain_images)
+    plain_rate = plain_n / plain_s
+    print(f"plain loop (1 core): {plain_n} images, {plain_rate:.2f} img/s", flush=True)
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    preprocess(open_source(str(src), limit=8), str(work / "warm"), cfg, progress=False)  # warm the workers
-    t0 = time.perf_counter()
-    manifest = preprocess(open_source(str(src)), str(work / "ray"), cfg, progress=False)
-    ray_s = time.perf_counter() - t0
-    ray.shutdown()
-
-    res = {
-        "images": args.images,
-        "resolutions": cfg.resolutions,
-        "cpus": args.cpus,
-        "shard_rows": args.shard_rows,
-        "plain_images_per_s": round(plain_n / plain_s, 2),
-        "ray_images_per_s": round(manifest["rows"] / ray_s, 2),
-    }
-    res["ray_images_per_s_per_core"] = round(res["ray_images_per_s"] / args.cpus, 2)
-    res["per_core_ratio"] = round(res["ray_images_per_s_per_core"] / res["plain_images_per_s"], 2)
-    res["speedup_total"] = round(res["ray_images_per_s"] / res["plain_images_per_s"], 2)
-    print(json.dumps(res))
-    print(
-        f"plain loop (1 core): {res['plain_images_per_s']} img/s | ray ({args.cpus} CPUs): {res['ray_images_per_s']} img/s "
-        f"= {res['ray_images_per_s_per_core']} img/s/core -> {res['per_core_ratio']}x plain per core, "
-        f"{res['speedup_total']}x total"
-    )
+    results = []
+    for cpus in args.cpus:
+        n = min(args.images, args.images_per_cpu * cpus) if args.images_per_cpu else args.images
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        preprocess(open_source(str(src), limit=min(n, 4 * cpus)), str(work / f"warm{cpus}"), cfg, progress=False)
+        t0 = time.perf_counter()
+        manifest = preprocess(open_source(str(src), limit=n), str(work / f"ray{cpus}"), cfg, progress=False)
+        ray_s = time.perf_counter() - t0
+        ray.shutdown()
+        res = {
+            "images": manifest["rows"],
+            "resolutions": cfg.resolutions,
+            "cpus": cpus,
+            "shard_rows": args.shard_rows,
+            "plain_images_per_s": round(plain_rate, 2),
+            "ray_images_per_s": round(manifest["rows"] / ray_s, 2),
+        }
+        res["ray_images_per_s_per_core"] = round(res["ray_images_per_s"] / cpus, 2)
+        res["per_core_ratio"] = round(res["ray_images_per_s_per_core"] / plain_rate, 2)
+        res["speedup_total"] = round(res["ray_images_per_s"] / plain_rate, 2)
+        results.append(res)
+        print(json.dumps(res))
+        print(
+            f"ray ({cpus} CPUs, {res['images']} images): {res['ray_images_per_s']} img/s "
+            f"= {res['ray_images_per_s_per_core']} img/s/core -> {res['per_core_ratio']}x plain per core, "
+            f"{res['speedup_total']}x total",
+            flush=True,
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        Path(args.json).write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ For ``--config`` (random weights, every one perturbed so zero-initialised layers
 this times ``generate`` exactly as ``mdm sample`` and Serve call it: prompt encoding,
 noise, the guided sampler loop and the final clamp. Rows: DDIM at ``--steps`` steps with
 guidance ``--guidance`` at each ``--batch`` size, then DPM-Solver++(2M) at
-``--solver-steps``; each row times the plain path (eager) and the fast path
-(``fast=True``: the guided 2B-sample forward replayed from a CUDA graph), median of
-``--repeats`` runs after ``--warmup`` warm-up calls, and prints the largest absolute
-difference between the two paths' images. On a CPU the fast path is the plain path.
+``--solver-steps``; each row times the arms of ``--arms``: ``plain`` (eager,
+``fast=False``), ``fast`` (the guided 2B-sample forward replayed from a CUDA graph: what
+``mdm sample`` and Serve run on a GPU) and ``compiled`` (``compile=True``: the graph
+replays ``torch.compile``'s kernels), median of ``--repeats`` runs after ``--warmup``
+warm-up calls, and prints the largest absolute difference of each arm's images from the
+plain path's. On a CPU the fast path is the plain path.
 
     python bench/sample.py                                   # 64-256, CUDA
     python bench/sample.py --config tiny-32-64 --steps 5 --device cpu   # smoke test
@@ -57,6 +59,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per cell; the median is shown")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls first (graph capture happens here)")
     ap.add_argument("--stub-text", action="store_true", help="use a stub text encoder instead of MiniLM")
+    ap.add_argument("--arms", default="plain,fast", help="comma-separated: plain, fast, compiled (default plain,fast)")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     return ap.parse_args(argv)
 
 
@@ -75,7 +79,7 @@ def main(argv=None) -> list[dict]:
             try:
                 from mdm.conditioning import get_text_encoder
 
-                encoder = get_text_encoder(ccfg.text_encoder, ccfg.max_text_tokens, "cpu")
+                encoder = get_text_encoder(ccfg.text_encoder, ccfg.max_text_tokens, str(device))
             except Exception as e:  # noqa: BLE001 - report and fall back
                 print(f"text encoder unavailable ({e}); using a stub", file=sys.stderr)
         if encoder is None:
@@ -86,20 +90,28 @@ def main(argv=None) -> list[dict]:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    arms = args.arms.split(",")
+    unknown = set(arms) - {"plain", "fast", "compiled"}
+    if unknown or "plain" not in arms:
+        raise SystemExit(f"--arms: plain first, then any of fast, compiled; got {args.arms!r}")
     pipe = MDMPipeline(model, cfg, device=device, text_encoder=encoder)
+    pipes = {"plain": (pipe, False), "fast": (pipe, True)}
+    if "compiled" in arms:
+        pipes["compiled"] = (MDMPipeline(model, cfg, device=device, text_encoder=encoder, compile=True), True)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(**kw) -> tuple[float, list[torch.Tensor]]:
+    def timed(arm: str, **kw) -> tuple[float, list[torch.Tensor]]:
+        p, fast = pipes[arm]
         for _ in range(args.warmup):
-            pipe.generate(**kw)
+            p.generate(fast=fast, **kw)
         times, out = [], None
         for _ in range(args.repeats):
             sync()
             t0 = time.perf_counter()
-            out = pipe.generate(**kw)
+            out = p.generate(fast=fast, **kw)
             sync()
             times.append(time.perf_counter() - t0)
         return statistics.median(times), out
@@ -111,20 +123,29 @@ def main(argv=None) -> list[dict]:
         f"{args.config} ({nparams:.1f}M parameters), {device}, autocast {pipe.autocast_dtype}, "
         f"guidance {args.guidance}, text {text}, median of {args.repeats} after {args.warmup} warm-up"
     )
-    print(
-        f"{'sampler':>9} {'steps':>5} {'batch':>5} {'plain s':>9} {'fast s':>9} {'speed-up':>8} {'img/s fast':>10} {'max |diff|':>10}"
-    )
+    head = f"{'sampler':>9} {'steps':>5} {'batch':>5}" + "".join(f" {a + ' s':>11}" for a in arms)
+    head += "".join(f" {a + ' x':>11} {'|diff| ' + a:>14}" for a in arms[1:]) + f" {'img/s best':>10}"
+    print(head)
     for sampler, steps, b in cells:
         kw = dict(prompt=PROMPT, num_samples=b, steps=steps, sampler=sampler, guidance_scale=args.guidance, seed=0)
-        t_plain, plain = timed(fast=False, **kw)
-        t_fast, fast = timed(fast=True, **kw)
-        diff = max(float((a.float() - f.float()).abs().max()) for a, f in zip(plain, fast))
-        row = dict(sampler=sampler, steps=steps, batch=b, plain_s=t_plain, fast_s=t_fast, max_abs_diff=diff)
+        row = dict(sampler=sampler, steps=steps, batch=b)
+        outs = {}
+        for arm in arms:
+            row[f"{arm}_s"], outs[arm] = timed(arm, **kw)
+        for arm in arms[1:]:
+            row[f"{arm}_speedup"] = row["plain_s"] / row[f"{arm}_s"]
+            row[f"{arm}_max_abs_diff"] = max(
+                float((a.float() - f.float()).abs().max()) for a, f in zip(outs["plain"], outs[arm])
+            )
+        best = min(row[f"{a}_s"] for a in arms)
         rows.append(row)
-        print(
-            f"{sampler:>9} {steps:>5} {b:>5} {t_plain:>9.3f} {t_fast:>9.3f} {t_plain / t_fast:>7.2f}x "
-            f"{b / t_fast:>10.1f} {diff:>10.2e}"
-        )
+        line = f"{sampler:>9} {steps:>5} {b:>5}" + "".join(f" {row[a + '_s']:>11.3f}" for a in arms)
+        line += "".join(f" {row[a + '_speedup']:>10.2f}x {row[a + '_max_abs_diff']:>14.2e}" for a in arms[1:])
+        print(line + f" {b / best:>10.1f}", flush=True)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows
 
 

@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="sampler steps a request")
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--guidance_scale", type=float, default=3.0)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="the app's precision, here too")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads of this process and of each replica")
     ap.add_argument("--repeats", type=int, default=8, help="rounds of one-image latency (direct, then HTTP)")
     ap.add_argument("--clients", type=int, default=8, help="concurrent clients in the throughput runs")
@@ -119,6 +120,7 @@ def main() -> None:
 
     from mdm import MDMPipeline
     from serve.app import MDMServer
+    from serve.engine import set_precision
 
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory(prefix="mdm-bench-serve-")
@@ -139,11 +141,12 @@ def main() -> None:
     try:
         for name, cap in (("on", 32), ("off", 1)):
             app = MDMServer.options(ray_actor_options=options).bind(
-                model=src, device=args.device, max_batch_images=cap, batch_wait_timeout_s=0.01
+                model=src, device=args.device, max_batch_images=cap, batch_wait_timeout_s=0.01, precision=args.precision
             )
             serve.run(app, name=f"bench-{name}", route_prefix=f"/{name}")
             urls[name] = f"{base}/{name}"
         pipe = MDMPipeline.from_pretrained(src, device=args.device)
+        set_precision(pipe, args.precision)  # as each replica does
         http = requests.Session()
         threads = {n: http.get(f"{u}/v1/model").json()["threads"] for n, u in urls.items()}
         for i in range(3):  # warm every path

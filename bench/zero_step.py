@@ -54,6 +54,12 @@ def main() -> None:
     p.add_argument("--grad_clip", type=float, default=2.0, help="train.grad_clip (0 disables)")
     p.add_argument("--sync_check", action="store_true", help="report where a step first syncs with the host")
     p.add_argument("--plain", action="store_true", help="also time bench/train_step.py's plain step (rank 0 alone)")
+    p.add_argument("--mfu", action="store_true", help="count the step's FLOPs and measure the card's bf16 peak")
+    p.add_argument(
+        "--plain_layouts",
+        default="channels_last,contiguous",
+        help="weight layouts of the plain step: channels_last, contiguous (what DeepSpeed allows), or both",
+    )
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -150,7 +156,12 @@ def main() -> None:
     if args.plain and trainer.rank == 0:
         # the plain step of bench/train_step.py: channels-last weights and inputs, and
         # contiguous weights with channels-last inputs (what DeepSpeed allows)
-        for key, cl_weights in (("plain_img_per_s", True), ("plain_contiguous_weights_img_per_s", False)):
+        layouts = {
+            "channels_last": ("plain_img_per_s", True),
+            "contiguous": ("plain_contiguous_weights_img_per_s", False),
+        }
+        for name in args.plain_layouts.split(","):
+            key, cl_weights = layouts[name]
             plain = BenchStep(cfg, make_batch(cfg, args.batch, device), device, cl_weights=cl_weights, cl_inputs=True)
             for _ in range(args.warmup):
                 plain(compiled=args.compile)
@@ -161,8 +172,43 @@ def main() -> None:
             torch.cuda.synchronize()
             result[key] = round(args.batch * args.steps / (time.perf_counter() - t), 1)
             del plain
+    if args.mfu and trainer.rank == 0:
+        result.update(model_flops_utilisation(cfg, args.batch, device, result["img_per_s_per_gpu"], result))
     if trainer.rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
+
+
+def model_flops_utilisation(cfg, batch_size: int, device: str, img_per_s: float, result: dict) -> dict:
+    """FLOPs of one training step (forward + backward, counted by ``FlopCounterMode`` on the
+    model's matmuls, convolutions and attention), the card's bf16 peak measured with an
+    8192^3 matmul, and the utilisation of each timed path in ``result``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = BenchStep(cfg, make_batch(cfg, batch_size, device), device, cl_weights=False, cl_inputs=False)
+    with FlopCounterMode(display=False) as counter:
+        with step.amp:
+            loss, _ = step.steps[False].loss(step.batch, step.gen)
+        loss.backward()
+    flops = counter.get_total_flops()
+    del step
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    peak = 10 * 2 * 8192**3 / (time.perf_counter() - t)
+    per_image = flops / batch_size
+    out = {"train_flops_per_image": per_image, "peak_bf16_tflops": round(peak / 1e12, 1)}
+    for key in ("img_per_s_per_gpu", "plain_img_per_s", "plain_contiguous_weights_img_per_s"):
+        if key in result:
+            out["mfu_" + key.replace("_img_per_s", "").replace("img_per_s_per_gpu", "zero")] = round(
+                result[key] * per_image / peak, 3
+            )
+    return out
 
 
 if __name__ == "__main__":

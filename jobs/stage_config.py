@@ -32,6 +32,7 @@ class DataConfig:
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer
     cache: bool = False  # decode once and keep the set in Ray's object store (small sets)
     text_emb: bool = False  # use the shards' precomputed text_emb instead of encoding captions
+    prefetch_batches: int = 16  # batches read ahead by a thread, across epoch starts (0: none)
 
 
 @dataclass
@@ -98,6 +99,8 @@ class StageConfig:
         self.model.validate()
         self.train.validate()
         self.deepspeed.validate()
+        if self.data.prefetch_batches < 0:
+            raise ConfigError("data.prefetch_batches: must be >= 0 (0 reads in the training loop's thread)")
         if self.scaling.num_workers < 1:
             raise ConfigError("scaling.num_workers: must be >= 1")
         if self.run.checkpoint_every < 1 or self.run.log_every < 1:
@@ -189,6 +192,7 @@ RESUME_SAFE = (
     "data.shards",
     "data.shuffle_buffer",
     "data.cache",
+    "data.prefetch_batches",
     "scaling.cpus_per_worker",
     "deepspeed.overlap_comm",
     "deepspeed.reduce_bucket_size",

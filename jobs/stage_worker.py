@@ -166,17 +166,19 @@ def batches_from_shard(shard, cfg: StageConfig, encoder, epoch_seed: int):
     from mdm.conditioning import make_condition
     from mdm.training import Batch
     from mdm.unet import Condition
-    from pipelines.reader import iter_training_batches, to_tensors
+    from pipelines.reader import EmptyEpochError, endless_batches, iter_training_batches, to_tensors
 
     res = cfg.model.model.resolutions
     ccfg = cfg.model.model.conditioning
-    epoch = 0
-    while True:
-        got = 0
-        for b in iter_training_batches(
+
+    def epoch_batches(epoch: int):
+        return iter_training_batches(
             shard, cfg.train.batch_size, shuffle_buffer=cfg.data.shuffle_buffer, seed=epoch_seed + epoch
-        ):
-            got += 1
+        )
+
+    try:
+        # The next epoch's start (Ray Data restarts per epoch) overlaps training on queued batches.
+        for _, b in endless_batches(epoch_batches, cfg.data.prefetch_batches):
             images = to_tensors(b, res, device="cpu")
             n = images[0].shape[0]
             size = torch.from_numpy(np.minimum(b["source_width"], b["source_height"]).astype("float32"))
@@ -188,14 +190,15 @@ def batches_from_shard(shard, cfg: StageConfig, encoder, epoch_seed: int):
             else:
                 captions = [str(c) for c in b["caption"]] if ccfg.kind == "text" else None
                 labels = b["label"].astype("int64").tolist() if ccfg.kind == "class" else None
-                cond = make_condition(ccfg, n, captions, labels, size, encoder, "cpu")
+                # On the encoder's device (the worker's GPU, where it has one).
+                device = encoder.device if encoder is not None else "cpu"
+                cond = make_condition(ccfg, n, captions, labels, size, encoder, device)
             yield Batch(images, cond)
-        if got == 0:
-            raise RuntimeError(
-                f"a worker's share of {cfg.data.shards} holds fewer rows than train.batch_size="
-                f"{cfg.train.batch_size}: lower the batch size or the number of workers"
-            )
-        epoch += 1
+    except EmptyEpochError:
+        raise RuntimeError(
+            f"a worker's share of {cfg.data.shards} holds fewer rows than train.batch_size="
+            f"{cfg.train.batch_size}: lower the batch size or the number of workers"
+        ) from None
 
 
 def train_loop_per_worker(payload: dict) -> None:
@@ -241,8 +244,9 @@ def train_loop_per_worker(payload: dict) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.scaling.use_gpu else torch.device("cpu")
     ccfg = mcfg.model.conditioning
     # The frozen text encoder encodes captions (unless the shards carry text_emb) and the
-    # empty caption that caption dropout substitutes.
-    encoder = get_text_encoder(ccfg.text_encoder, ccfg.max_text_tokens, "cpu") if ccfg.kind == "text" else None
+    # empty caption that caption dropout substitutes. On the worker's device: on the CPU,
+    # MiniLM takes longer per batch of 128 captions than a GPU's training step.
+    encoder = get_text_encoder(ccfg.text_encoder, ccfg.max_text_tokens, str(device)) if ccfg.kind == "text" else None
     null = null_condition(ccfg, 1, encoder) if ccfg.kind != "none" else None
     beat("building the DeepSpeed engine", phase="engine")
     trainer = ZeroTrainer(model, mcfg, cfg.train, cfg.deepspeed, null=null, device=device)

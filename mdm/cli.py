@@ -30,6 +30,12 @@ def _add_common_sampling(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prompt", default=None, help="text prompt (text-conditioned models)")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="on CUDA, torch.compile the denoiser inside its CUDA graph: ~2x faster per step, but the first "
+        "call of each batch size compiles for a minute or more (worth it for many images, not one)",
+    )
+    p.add_argument(
         "--negative_prompt", default=None, help="what to steer away from (replaces the empty caption in guidance)"
     )
     p.add_argument("--label", type=int, default=None, help="class id (class-conditioned models)")
@@ -81,7 +87,7 @@ def _save_outputs(
 def _pipeline(args):
     from .pipeline import MDMPipeline
 
-    return MDMPipeline.from_pretrained(args.checkpoint, device=_device(args.device))
+    return MDMPipeline.from_pretrained(args.checkpoint, device=_device(args.device), compile=args.compile)
 
 
 def cmd_sample(args) -> int:

@@ -360,6 +360,7 @@ class MDMServer:
         max_image_bytes: int = 16 * 2**20,
         max_image_pixels: int = 4096 * 4096,
         precision: str = "fp32",
+        compile: bool = False,
         max_steps: int = MAX_STEPS,
         max_images: int = MAX_IMAGES,
         max_request_cost: float = 64.0,
@@ -388,7 +389,7 @@ class MDMServer:
             model = locate_model(model)
         self.ref: RegistryRef = model
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.pipe = MDMPipeline.from_pretrained(self.ref.load_source, device=device)
+        self.pipe = MDMPipeline.from_pretrained(self.ref.load_source, device=device, compile=compile)
         set_precision(self.pipe, precision)
         self.resolutions = self.pipe.resolutions
         self.cond = self.pipe.config.model.conditioning
@@ -911,6 +912,11 @@ class AppArgs(BaseModel):
         description="On CUDA: fp32 (TF32 matmuls) keeps batching from changing any image beyond one level of 255; "
         "bf16 autocast saves memory, but batching then moves pixels by a few levels. CPU runs fp32.",
     )
+    compile: bool = Field(
+        False,
+        description="On CUDA: torch.compile the denoiser inside its CUDA graph (about 2x faster sampling on an "
+        "H200); each new batch size then compiles once, for a minute or more, before it is answered.",
+    )
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -938,6 +944,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         max_image_bytes=a.max_image_bytes,
         max_image_pixels=a.max_image_pixels,
         precision=a.precision,
+        compile=a.compile,
         max_steps=a.max_steps,
         max_images=a.max_images,
         max_request_cost=a.max_request_cost,

@@ -27,8 +27,11 @@ def test_sampling_benchmark_smoke(capsys):
             "--warmup",
             "0",
             "--stub-text",
+            "--arms",
+            "plain,fast,compiled",
         ]
     )
     assert [(r["sampler"], r["batch"]) for r in rows] == [("ddim", 1), ("ddim", 2), ("dpmpp_2m", 1)]
-    assert all(r["max_abs_diff"] == 0.0 for r in rows)  # on a CPU the fast path is the plain path
-    assert "speed-up" in capsys.readouterr().out
+    # On a CPU the fast and compiled arms are the plain path.
+    assert all(r["fast_max_abs_diff"] == 0.0 and r["compiled_max_abs_diff"] == 0.0 for r in rows)
+    assert "compiled x" in capsys.readouterr().out

@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""The stage jobs' images/s under Ray Train against the per-worker step alone, in one run.
+
+Runs ``jobs/stage_<r>.py`` for each ``--configs`` entry in order (each later one grows the
+model the earlier one registered, as ``make demo`` does) on the Ray cluster at
+``$RAY_ADDRESS`` (or a local one each job starts), with ``--workers`` workers and GPUs when
+the machine has them, then ``bench/zero_step.py`` for the same config, batch and ZeRO
+stage (the step without Ray, Ray Data or MLflow, random data on the device). Reads the
+jobs' ``... img/s`` log lines (the windows after the first ``--skip`` are timed) and
+prints the ratio per config.
+
+    python bench/stage_jobs.py --shards DIR --configs small-64,small-64-128 --steps 200,150 --batch 128
+
+``--set KEY=VALUE`` passes further overrides to every job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP_LINE = re.compile(r"step (\d+)/(\d+) loss .* ([0-9.]+) img/s")
+
+
+def top_resolution(config: str) -> int:
+    sys.path.insert(0, str(ROOT))
+    from mdm.presets import get_config
+
+    return get_config(config).model.resolutions[-1]
+
+
+def run_job(config: str, steps: int, args, log_path: Path) -> dict:
+    gpu = args.gpu
+    sets = {
+        "model": config,
+        "data.shards": args.shards,
+        "scaling.num_workers": args.workers,
+        "scaling.use_gpu": str(gpu).lower(),
+        "scaling.cpus_per_worker": args.cpus_per_worker,
+        "train.batch_size": args.batch,
+        "train.steps": steps,
+        "deepspeed.stage": args.stage,
+        "run.log_every": args.log_every,
+        "run.checkpoint_every": steps,
+        "mlflow.sample_every": 0,
+    }
+    cmd = [sys.executable, str(ROOT / "jobs" / f"stage_{top_resolution(config)}.py")]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    for s in args.set:
+        cmd += ["--set", s]
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    rates: dict[int, float] = {}  # by step: Ray may echo a worker's line twice
+    lines = []
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            log.write(line)
+            m = STEP_LINE.search(line)
+            if m and int(m.group(1)) not in rates:
+                rates[int(m.group(1))] = float(m.group(3))
+                print(f"  [{config}] {line.strip()[-140:]}", flush=True)
+            elif "registered models:/" in line or "Error" in line or "error:" in line:
+                print(f"  [{config}] {line.strip()[-200:]}", flush=True)
+            lines.append(line)
+        rc = proc.wait()
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        print("".join(lines[-60:]), flush=True)
+        raise SystemExit(f"stage job for {config} failed (exit {rc}); log in {log_path}")
+    windows = [rates[k] for k in sorted(rates)]
+    timed = windows[args.skip :]  # the first windows hold compilation, cuDNN autotuning, data warm-up
+    return {
+        "config": config,
+        "steps": steps,
+        "job_wall_s": round(wall, 1),
+        "windows": len(timed),
+        "job_images_per_s": round(statistics.median(timed), 1) if timed else None,
+        "job_images_per_s_all": windows,
+    }
+
+
+def run_bench(config: str, args) -> dict:
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "zero_step.py"), "--config", config, "--batch", str(args.batch),
+        "--stage", str(args.stage), "--steps", str(args.bench_steps), "--warmup", "5",
+    ]  # fmt: skip
+    print("$ " + " ".join(cmd), flush=True)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    result = None
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT ") :])
+    if out.returncode != 0 or result is None:
+        print(out.stdout[-3000:], out.stderr[-3000:], flush=True)
+        raise SystemExit(f"bench/zero_step.py for {config} failed (exit {out.returncode})")
+    return result
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", required=True, help="shard set (jobs/preprocess.py --out) at the configs' resolutions")
+    ap.add_argument("--configs", default="small-64,small-64-128", help="comma-separated, trained in this order")
+    ap.add_argument("--steps", default="200,150", help="train.steps per config (comma-separated)")
+    ap.add_argument("--batch", type=int, default=128, help="train.batch_size per worker")
+    ap.add_argument("--stage", type=int, default=2, help="ZeRO stage")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--cpus_per_worker", type=float, default=4.0)
+    ap.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="default: if CUDA is there")
+    ap.add_argument("--log_every", type=int, default=20)
+    ap.add_argument("--skip", type=int, default=2, help="log windows left out of the median (warm-up)")
+    ap.add_argument("--bench_steps", type=int, default=30)
+    ap.add_argument("--no_bench", action="store_true", help="only the jobs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides for every job")
+    ap.add_argument("--out", default=None, help="folder for the jobs' logs and results.json")
+    args = ap.parse_args(argv)
+    if args.gpu is None:
+        import torch
+
+        args.gpu = torch.cuda.is_available()
+    configs = args.configs.split(",")
+    steps = [int(s) for s in args.steps.split(",")]
+    if len(steps) != len(configs):
+        raise SystemExit("--steps: one value per config")
+    out = Path(args.out or "stage-jobs-bench")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for config, n in zip(configs, steps):
+        rows.append(run_job(config, n, args, out / f"job-{config}.log"))
+    if not args.no_bench:
+        for row in rows:
+            b = run_bench(row["config"], args)
+            row["bench_images_per_s"] = b["img_per_s"]
+            row["bench_peak_gib"] = b.get("peak_mem_gib")
+            if row["job_images_per_s"]:
+                row["job_vs_bench"] = round(row["job_images_per_s"] / b["img_per_s"], 3)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    print(f"{'config':>14} {'steps':>6} {'job img/s':>10} {'bench img/s':>12} {'job/bench':>10} {'job wall s':>11}")
+    for r in rows:
+        print(
+            f"{r['config']:>14} {r['steps']:>6} {r['job_images_per_s'] or float('nan'):>10.1f} "
+            f"{r.get('bench_images_per_s', float('nan')):>12.1f} {r.get('job_vs_bench', float('nan')):>10.3f} "
+            f"{r['job_wall_s']:>11.1f}"
+        )
+    print("RESULTS " + json.dumps(rows), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
