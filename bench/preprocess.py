@@ -60,18 +60,38 @@ def make_sources(folder: Path, n: int, size: int = 1024) -> None:
         list(pool.map(_make_source, [(folder, i, size) for i in range(n)], chunksize=8))
 
 
-def plain_loop(folder: Path, out: Path, cfg: PreprocessConfig, limit: int | None = None) -> tuple[float, int]:
+def plain_loop(
+    folder: Path, out: Path, cfg: PreprocessConfig, limit: int | None = None, part: tuple[int, int] = (0, 1)
+) -> tuple[float, int]:
+    """The plain loop over the first ``limit`` files, or over slice ``part[0]`` of ``part[1]``."""
     t0 = time.perf_counter()
     rows: dict[str, list] = {}
-    for path in sorted(folder.glob("*.jpg"))[:limit]:
+    for path in sorted(folder.glob("*.jpg"))[:limit][part[0] :: part[1]]:
         result, reason = process_image(path.read_bytes(), cfg)
         if result is None:
             continue
         result["caption"] = path.with_suffix(".txt").read_text()
         for k, v in result.items():
             rows.setdefault(k, []).append(v)
-    pq.write_table(pa.table(rows), out / "plain.parquet", compression="none")  # as the pipeline writes
+    name = "plain.parquet" if part == (0, 1) else f"plain-{part[0]:03d}.parquet"
+    pq.write_table(pa.table(rows), out / name, compression="none")  # as the pipeline writes
     return time.perf_counter() - t0, len(rows.get("key", []))
+
+
+def _plain_part(job: tuple) -> tuple[float, int]:
+    return plain_loop(*job)
+
+
+def plain_processes(folder: Path, out: Path, cfg: PreprocessConfig, limit: int, procs: int) -> float:
+    """images/s of ``procs`` plain loops side by side on disjoint files: what the machine's
+    cores give without Ray (the ceiling for Ray's per-core ratio on this machine)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=procs) as pool:
+        t0 = time.perf_counter()
+        done = list(pool.map(_plain_part, [(folder, out, cfg, limit, (i, procs)) for i in range(procs)]))
+        wall = time.perf_counter() - t0
+    return sum(n for _, n in done) / wall
 
 
 def main() -> None:
@@ -82,6 +102,13 @@ def main() -> None:
         "--cpus", type=int, nargs="+", default=[2], help="CPUs given to the local Ray, one arm each (default 2)"
     )
     p.add_argument("--plain_images", type=int, default=None, help="files the plain loop times (default: all)")
+    p.add_argument(
+        "--plain_procs",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run the plain loop in this many processes at once, on --images_per_cpu files each",
+    )
     p.add_argument("--images_per_cpu", type=int, default=None, help="files per CPU in each Ray arm (default: all)")
     p.add_argument("--shard_rows", type=int, default=64, help="rows per shard (default 64)")
     p.add_argument("--workdir", default=None, help="where to put sources and outputs (default: a temp dir)")
@@ -101,6 +128,17 @@ def main() -> None:
     print(f"plain loop (1 core): {plain_n} images, {plain_rate:.2f} img/s", flush=True)
 
     results = []
+    for procs in args.plain_procs:
+        n = min(args.images, (args.images_per_cpu or args.plain_images or 240) * procs)
+        rate = plain_processes(src, work / "plain", cfg, n, procs)
+        res = {"plain_processes": procs, "images": n, "plain_images_per_s": round(rate, 2)}
+        res["per_core_ratio"] = round(rate / procs / plain_rate, 2)
+        results.append(res)
+        print(json.dumps(res))
+        print(
+            f"plain loop x {procs} processes: {rate:.2f} img/s -> {res['per_core_ratio']}x one loop per core",
+            flush=True,
+        )
     for cpus in args.cpus:
         n = min(args.images, args.images_per_cpu * cpus) if args.images_per_cpu else args.images
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)

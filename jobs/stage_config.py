@@ -32,7 +32,7 @@ class DataConfig:
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer
     cache: bool = False  # decode once and keep the set in Ray's object store (small sets)
     text_emb: bool = False  # use the shards' precomputed text_emb instead of encoding captions
-    prefetch_batches: int = 16  # batches read ahead by a thread, across epoch starts (0: none)
+    prefetch_batches: int = 32  # batches read ahead by a thread, across epoch starts (0: none)
 
 
 @dataclass
