@@ -10,6 +10,7 @@ runs, and is tested, in a plain process.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,10 @@ __all__ = ["train_loop_per_worker", "run_steps", "batches_from_shard", "SampleGr
 
 
 def _log(msg: str) -> None:
-    print(f"[stage] {msg}", flush=True)
+    # Not print(): Ray Train patches print in its workers to log the line and, where
+    # stdout is wrapped, to print it as well, so each line reached the driver twice.
+    sys.stdout.write(f"[stage] {msg}\n")
+    sys.stdout.flush()
 
 
 class Heartbeat:

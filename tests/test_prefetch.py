@@ -33,7 +33,7 @@ def boundary_waits(depth: int, epochs: int = 3) -> list[float]:
     gen = endless_batches(slow_start_epochs([]), depth)
     waits, last_epoch = [], 0
     t = time.perf_counter()
-    for epoch, b in gen:
+    for epoch, _ in gen:
         got = time.perf_counter()
         if epoch != last_epoch:
             waits.append(got - t)
