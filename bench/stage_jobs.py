@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 STEP_LINE = re.compile(r"step (\d+)/(\d+) loss .* ([0-9.]+) img/s")
 
 
 def top_resolution(config: str) -> int:
-    sys.path.insert(0, str(ROOT))
     from mdm.presets import get_config
 
     return get_config(config).model.resolutions[-1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -24,7 +25,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_step import BenchStep, make_batch  # noqa: E402
+from train_step import BenchStep, make_batch, timed  # noqa: E402
 
 from mdm import MDMModel, get_config  # noqa: E402
 from mdm.conditioning import null_condition  # noqa: E402
@@ -173,12 +174,12 @@ def main() -> None:
             result[key] = round(args.batch * args.steps / (time.perf_counter() - t), 1)
             del plain
     if args.mfu and trainer.rank == 0:
-        result.update(model_flops_utilisation(cfg, args.batch, device, result["img_per_s_per_gpu"], result))
+        result.update(model_flops_utilisation(cfg, args.batch, device, result))
     if trainer.rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
 
 
-def model_flops_utilisation(cfg, batch_size: int, device: str, img_per_s: float, result: dict) -> dict:
+def model_flops_utilisation(cfg, batch_size: int, device: str, result: dict) -> dict:
     """FLOPs of one training step (forward + backward, counted by ``FlopCounterMode`` on the
     model's matmuls, convolutions and attention), the card's bf16 peak measured with an
     8192^3 matmul, and the utilisation of each timed path in ``result``."""
@@ -193,21 +194,17 @@ def model_flops_utilisation(cfg, batch_size: int, device: str, img_per_s: float,
     del step
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    peak = 10 * 2 * 8192**3 / (time.perf_counter() - t)
+    peak = 2 * 8192**3 / statistics.median(timed(lambda: a @ b, 10, 3, device))
     per_image = flops / batch_size
     out = {"train_flops_per_image": per_image, "peak_bf16_tflops": round(peak / 1e12, 1)}
-    for key in ("img_per_s_per_gpu", "plain_img_per_s", "plain_contiguous_weights_img_per_s"):
+    paths = {
+        "img_per_s_per_gpu": "mfu_zero",
+        "plain_img_per_s": "mfu_plain",
+        "plain_contiguous_weights_img_per_s": "mfu_plain_contiguous_weights",
+    }
+    for key, name in paths.items():
         if key in result:
-            out["mfu_" + key.replace("_img_per_s", "").replace("img_per_s_per_gpu", "zero")] = round(
-                result[key] * per_image / peak, 3
-            )
+            out[name] = round(result[key] * per_image / peak, 3)
     return out
 
 

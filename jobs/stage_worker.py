@@ -174,6 +174,8 @@ def batches_from_shard(shard, cfg: StageConfig, encoder, epoch_seed: int):
 
     res = cfg.model.model.resolutions
     ccfg = cfg.model.model.conditioning
+    # Conditions are built on the encoder's device (the worker's GPU, where it has one).
+    cond_device = encoder.device if encoder is not None else "cpu"
 
     def epoch_batches(epoch: int):
         return iter_training_batches(
@@ -194,9 +196,7 @@ def batches_from_shard(shard, cfg: StageConfig, encoder, epoch_seed: int):
             else:
                 captions = [str(c) for c in b["caption"]] if ccfg.kind == "text" else None
                 labels = b["label"].astype("int64").tolist() if ccfg.kind == "class" else None
-                # On the encoder's device (the worker's GPU, where it has one).
-                device = encoder.device if encoder is not None else "cpu"
-                cond = make_condition(ccfg, n, captions, labels, size, encoder, device)
+                cond = make_condition(ccfg, n, captions, labels, size, encoder, cond_device)
             yield Batch(images, cond)
     except EmptyEpochError:
         raise RuntimeError(

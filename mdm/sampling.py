@@ -313,21 +313,14 @@ class CUDAGraphForward:
     def __init__(self, model: torch.nn.Module, warmup: int = 2, compile: bool = False):
         self.model = model
         self.warmup = warmup
-        self.compile = compile
-        self._fn = None
+        # What is captured; torch.compile itself compiles on the first (warm-up) call.
+        self.fn = torch.compile(model, dynamic=False) if compile else model
         self.graphs: dict[tuple, tuple] = {}
         # One memory pool for every captured shape: a server sees many batch sizes, and a
         # pool per graph would hold each one's activations for good. Sharing is safe because
         # replays run one at a time (the lock) and outputs are copied out at once.
         self._pool = None
         self._lock = threading.Lock()
-
-    @property
-    def fn(self):
-        """What is captured: the model, or its compiled forward (built on first capture)."""
-        if self._fn is None:
-            self._fn = torch.compile(self.model, dynamic=False) if self.compile else self.model
-        return self._fn
 
     @staticmethod
     def _signature(zs: Latents, t: torch.Tensor, cond: Condition) -> tuple:

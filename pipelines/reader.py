@@ -165,7 +165,8 @@ def endless_batches(epoch_batches: Callable[[int], Iterator[Any]], depth: int = 
     :class:`EmptyEpochError` in the consumer, as does any error of the iteration itself. Closing
     the generator stops the thread. ``depth=0`` reads in the consumer's thread.
     """
-    if depth <= 0:
+
+    def epochs() -> Iterator[tuple[int, Any]]:
         epoch = 0
         while True:
             got = 0
@@ -175,6 +176,10 @@ def endless_batches(epoch_batches: Callable[[int], Iterator[Any]], depth: int = 
             if got == 0:
                 raise EmptyEpochError(f"epoch {epoch} has no batches")
             epoch += 1
+
+    if depth <= 0:
+        yield from epochs()
+        return
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -188,18 +193,10 @@ def endless_batches(epoch_batches: Callable[[int], Iterator[Any]], depth: int = 
         return False
 
     def run() -> None:
-        epoch = 0
         try:
-            while not stop.is_set():
-                got = 0
-                for b in epoch_batches(epoch):
-                    got += 1
-                    if not put((epoch, b)):
-                        return
-                if got == 0:
-                    put(_Failed(EmptyEpochError(f"epoch {epoch} has no batches")))
+            for item in epochs():
+                if not put(item):
                     return
-                epoch += 1
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             put(_Failed(e))
 
