@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,9 @@ from mdm.training import Batch, TrainConfig  # noqa: E402
 from mdm.unet import Condition  # noqa: E402
 from mdm.zero import ZeroConfig, ZeroTrainer  # noqa: E402
 from pipelines.preprocess import average_pool  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pack_shards import load_top  # noqa: E402
 
 GRID_PROMPTS = 8
 SEEDS = {"stage64": 1, "stage128": 2, "baseline128": 3}
@@ -62,19 +64,12 @@ class GPUSet:
 
     def __init__(self, data: list[Path], split: str, encoder, device: str, limit: int = 0):
         """``data``: folders holding ``<split>.json`` and the pixel parts (any folder each)."""
-        meta = json.loads(next(d / f"{split}.json" for d in data if (d / f"{split}.json").exists()).read_text())
+        meta, top = load_top(data, split)
         n = meta["rows"]
         keep = min(limit, n) if limit else n
         self.captions, self.keys = meta["captions"][:keep], meta["keys"][:keep]
         res = meta["resolutions"]
-        chunks = []
-        for i in range(len(meta["parts"])):
-            name = f"{split}_{res[-1]}.part{i}.u8.xz"
-            path = next((d / name for d in data if (d / name).exists()), None)
-            if path is None:
-                raise FileNotFoundError(f"{name} is in none of {[str(d) for d in data]}")
-            chunks.append(np.frombuffer(lzma.decompress(path.read_bytes()), dtype=np.uint8))
-        top = np.concatenate(chunks).reshape(n, res[-1], res[-1], 3)[:keep]
+        top = top[:keep]
         self.pixels = {r: torch.from_numpy(average_pool(top, r) if r != res[-1] else top.copy()) for r in res}
         self.pixels = {r: x.to(device).permute(0, 3, 1, 2) for r, x in self.pixels.items()}
         n = keep

@@ -11,6 +11,12 @@ uint8 pixels of the top column exactly as the shards hold them (lossless, rows s
 key). The lower columns are ``D_r`` of the top (``pipelines.preprocess``: the mean of each
 k x k block, rounded half to even, exact in float32), so they are not carried:
 :func:`pipelines.preprocess.average_pool` rebuilds them, and packing checks that it gives every lower column bit for bit.
+
+``--unpack`` goes the other way, on the GPU machine: it writes the packed pixels back as a
+raw set (``RAW/<split>/<key>.png`` and ``<key>.txt``, the caption), the input of
+``jobs/preprocess.py``, so that the stage jobs there read shards that machine preprocessed:
+
+    python bench/pack_shards.py --unpack .gpu/data --raw /tmp/emoji-raw
 """
 
 from __future__ import annotations
@@ -62,13 +68,54 @@ def pack(shards: str, split: str, out: Path, parts: int = 1) -> dict:
     return meta
 
 
+def load_top(data: list[Path], split: str) -> tuple[dict, np.ndarray]:
+    """A packed split's metadata and its top-resolution pixels, (N, R, R, 3) uint8, from its parts.
+
+    ``data``: folders holding ``<split>.json`` and the pixel parts (any part in any folder,
+    as they arrive in several calls)."""
+    meta_path = next((d / f"{split}.json" for d in data if (d / f"{split}.json").exists()), None)
+    if meta_path is None:
+        raise FileNotFoundError(f"{split}.json is in none of {[str(d) for d in data]}")
+    meta = json.loads(meta_path.read_text())
+    top_r = meta["resolutions"][-1]
+    chunks = []
+    for i in range(len(meta["parts"])):
+        name = f"{split}_{top_r}.part{i}.u8.xz"
+        path = next((d / name for d in data if (d / name).exists()), None)
+        if path is None:
+            raise FileNotFoundError(f"{name} is in none of {[str(d) for d in data]}")
+        chunks.append(np.frombuffer(lzma.decompress(path.read_bytes()), dtype=np.uint8))
+    return meta, np.concatenate(chunks).reshape(meta["rows"], top_r, top_r, 3)
+
+
+def unpack_raw(data: list[Path], split: str, raw: Path) -> int:
+    """Write a packed split as a raw set: ``raw/<split>/<key>.png`` + ``<key>.txt``. Returns the rows."""
+    meta, top = load_top(data, split)
+    folder = raw / split
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, caption, pixels in zip(meta["keys"], meta["captions"], top):
+        Image.fromarray(pixels).save(folder / f"{key}.png")
+        (folder / f"{key}.txt").write_text(caption)
+    return meta["rows"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, help="folder holding one shard set per split (<shards>/<split>)")
+    p.add_argument("--shards", help="folder holding one shard set per split (<shards>/<split>)")
     p.add_argument("--splits", default="train,heldout", help="comma list of splits (default train,heldout)")
-    p.add_argument("--out", type=Path, required=True, help="where the packed files go")
+    p.add_argument("--out", type=Path, help="where the packed files go")
     p.add_argument("--parts", type=int, default=1, help="pixel files per split, rows split evenly (default 1)")
+    p.add_argument("--unpack", type=Path, nargs="+", help="folders of packed files: write them back as a raw set")
+    p.add_argument("--raw", type=Path, help="with --unpack: where the raw set goes")
     args = p.parse_args()
+    if args.unpack:
+        if args.raw is None:
+            p.error("--unpack needs --raw")
+        for split in args.splits.split(","):
+            print(f"{split}: {unpack_raw(args.unpack, split, args.raw)} images -> {args.raw / split}")
+        return
+    if args.shards is None or args.out is None:
+        p.error("--shards and --out are required (or --unpack and --raw)")
     args.out.mkdir(parents=True, exist_ok=True)
     for split in args.splits.split(","):
         meta = pack(args.shards, split, args.out, args.parts if split == "train" else 1)

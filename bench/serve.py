@@ -7,7 +7,9 @@ threads), one with batching on (``max_batch_images`` 32) and one with it off (1)
 Serve's proxy on 127.0.0.1. This process also loads the model itself. Measured in
 interleaved rounds, so that drifting background load touches every arm alike:
 
-- latency of one image: a direct ``MDMPipeline.generate`` call, then the same request over
+- latency of one image: a direct call of the replica's own sampler function
+  (``serve.engine.run_jobs``: ``MDMPipeline.generate``, images copied to the host, which
+  waits for the GPU), then the same request over
   HTTP from one client (the difference is Serve's overhead: proxy, routing, batching wait,
   PNG encoding); the replica reports its sampler time, which splits that difference into
   the HTTP path and the sampler's own speed in the replica; ``GET /healthz`` round trips
@@ -64,6 +66,19 @@ def _free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def direct_call(pipe, prompts: list[str], seeds: list[int], steps: int, sampler: str, guidance_scale: float):
+    """One sampler call as a replica makes it, in this process: ``run_jobs`` on one job.
+
+    Its images come back on the host, so the call has waited for the GPU; timing
+    ``pipe.generate`` alone would stop the clock while CUDA still runs the queued steps."""
+    from serve.engine import Job, run_jobs
+
+    (result,) = run_jobs(pipe, [Job("generate", list(seeds), (sampler, steps, guidance_scale, None), prompts=prompts)])
+    if isinstance(result, Exception):
+        raise result
+    return result.images
 
 
 def closed_loop(url: str, clients: int, requests_each: int, body: dict, offset: int) -> dict:
@@ -150,7 +165,7 @@ def main() -> None:
         http = requests.Session()
         threads = {n: http.get(f"{u}/v1/model").json()["threads"] for n, u in urls.items()}
         for i in range(3):  # warm every path
-            pipe.generate(PROMPTS[i], num_samples=1, seed=i, **kw)
+            direct_call(pipe, [PROMPTS[i]], [i], **kw)
             for u in urls.values():
                 http.post(f"{u}/v1/generate", json={**body, "prompt": PROMPTS[i], "seed": i}).raise_for_status()
 
@@ -162,7 +177,7 @@ def main() -> None:
         direct, served, replica_sampler = [], [], []
         for r in range(args.repeats):
             t0 = time.perf_counter()
-            pipe.generate(PROMPTS[r % 4], num_samples=1, seed=r, **kw)
+            direct_call(pipe, [PROMPTS[r % 4]], [r], **kw)
             direct.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             resp = http.post(f"{urls['on']}/v1/generate", json={**body, "prompt": PROMPTS[r % 4], "seed": r})
@@ -178,10 +193,10 @@ def main() -> None:
         for k in range(args.rounds):
             t0 = time.perf_counter()
             for i in range(2):
-                pipe.generate(PROMPTS[i], num_samples=1, seed=k * n + i, **kw)
+                direct_call(pipe, [PROMPTS[i]], [k * n + i], **kw)
             single = (time.perf_counter() - t0) / 2
             t0 = time.perf_counter()
-            pipe.generate([PROMPTS[i % 4] for i in range(n)], num_samples=n, seeds=[k * n + i for i in range(n)], **kw)
+            direct_call(pipe, [PROMPTS[i % 4] for i in range(n)], [k * n + i for i in range(n)], **kw)
             batch = time.perf_counter() - t0
             on = closed_loop(urls["on"], n, args.requests, body, offset=k * n * args.requests)
             off = closed_loop(urls["off"], n, args.requests, body, offset=k * n * args.requests)

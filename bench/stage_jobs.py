@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 STEP_LINE = re.compile(r"step (\d+)/(\d+) loss .* ([0-9.]+) img/s")
+WAIT = re.compile(r"data wait ([0-9.]+)/([0-9.]+) s")
 
 
 def top_resolution(config: str) -> int:
@@ -60,14 +61,18 @@ def run_job(config: str, steps: int, args, log_path: Path) -> dict:
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     rates: dict[int, float] = {}  # by step: Ray may echo a worker's line twice
+    waits: dict[int, tuple[float, float]] = {}  # by step: (seconds waiting for data, window seconds)
     lines = []
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:  # line by line: a killed run keeps its log
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             log.write(line)
             m = STEP_LINE.search(line)
             if m and int(m.group(1)) not in rates:
                 rates[int(m.group(1))] = float(m.group(3))
+                w = WAIT.search(line)
+                if w:
+                    waits[int(m.group(1))] = (float(w.group(1)), float(w.group(2)))
                 print(f"  [{config}] {line.strip()[-140:]}", flush=True)
             elif "registered models:/" in line or "Error" in line or "error:" in line:
                 print(f"  [{config}] {line.strip()[-200:]}", flush=True)
@@ -79,6 +84,7 @@ def run_job(config: str, steps: int, args, log_path: Path) -> dict:
         raise SystemExit(f"stage job for {config} failed (exit {rc}); log in {log_path}")
     windows = [rates[k] for k in sorted(rates)]
     timed = windows[args.skip :]  # the first windows hold compilation, cuDNN autotuning, data warm-up
+    timed_waits = [waits[k] for k in sorted(rates)[args.skip :] if k in waits]
     return {
         "config": config,
         "steps": steps,
@@ -86,6 +92,10 @@ def run_job(config: str, steps: int, args, log_path: Path) -> dict:
         "windows": len(timed),
         "job_images_per_s": round(statistics.median(timed), 1) if timed else None,
         "job_images_per_s_all": windows,
+        # the share of the timed windows the step spent waiting for batches (not hidden by read-ahead)
+        "job_data_wait_share": (
+            round(sum(w for w, _ in timed_waits) / sum(e for _, e in timed_waits), 3) if timed_waits else None
+        ),
     }
 
 

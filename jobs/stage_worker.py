@@ -82,6 +82,32 @@ class SampleGrids:
         ]
 
 
+class _TimedBatches:
+    """The batch stream, counting the seconds the loop spent waiting for its next batch.
+
+    That wait is everything the step does not overlap: an empty read-ahead queue, the
+    conversion to tensors and the caption encoding. ``take()`` returns the seconds since the
+    last ``take()``."""
+
+    def __init__(self, batches: Iterator):
+        self._it = iter(batches)
+        self._waited = 0.0
+
+    def __iter__(self) -> _TimedBatches:
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            self._waited += time.perf_counter() - t
+
+    def take(self) -> float:
+        waited, self._waited = self._waited, 0.0
+        return waited
+
+
 def run_steps(
     trainer,
     batches: Iterator,
@@ -98,7 +124,9 @@ def run_steps(
     """Train from step ``start`` to ``cfg.train.steps``.
 
     Every ``run.log_every`` steps: a log line and, on rank 0, the metrics to ``tracker``
-    (which never blocks nor raises: :class:`jobs.tracking.Tracker`). Every
+    (which never blocks nor raises: :class:`jobs.tracking.Tracker`). The line ends with
+    ``data wait W/E s``: of the window's E seconds, W went to waiting for batches
+    (``data_wait_s`` in MLflow), the share of the step the data pipeline did not hide. Every
     ``run.checkpoint_every`` steps and at the last: the state into a folder handed to
     ``report(folder, step)`` (every rank, as Ray Train wants). Every ``mlflow.sample_every``
     steps and at the last: rank 0's sample grids to the tracker, *after* the checkpoint of
@@ -111,6 +139,7 @@ def run_steps(
     weights = cfg.model.diffusion.weights(len(res))
     images_per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     steps = cfg.train.steps
+    batches = _TimedBatches(batches)
     t0, last_step = time.perf_counter(), start
     for _ in range(start, steps):
         per_res = trainer.train_step(batches)
@@ -122,11 +151,18 @@ def run_steps(
             per = per_res.float().cpu().tolist()  # host sync at log steps only
             elapsed = time.perf_counter() - t0
             ips = images_per_step * (done - last_step) / max(elapsed, 1e-9)
+            waited = batches.take()  # of this window's `elapsed`, seconds spent getting batches
             t0, last_step = time.perf_counter(), done
             if rank == 0:
                 gn, lr = trainer.grad_norm(), trainer.lr()
                 total = sum(w * v for w, v in zip(weights, per))
-                values = {"loss": total, "lr": lr, "images_per_s": ips, "images_per_s_per_worker": ips / world}
+                values = {
+                    "loss": total,
+                    "lr": lr,
+                    "images_per_s": ips,
+                    "images_per_s_per_worker": ips / world,
+                    "data_wait_s": waited,
+                }
                 values.update({f"loss_{r}": v for r, v in zip(res, per)})
                 if gn is not None:
                     values["grad_norm"] = gn
@@ -135,7 +171,8 @@ def run_steps(
                 parts = " ".join(f"{r}:{v:.4f}" for r, v in zip(res, per))
                 log(
                     f"step {done}/{steps} loss {total:.4f} ({parts}) lr {lr:.2e} "
-                    f"grad_norm {gn if gn is None else round(gn, 3)} {ips:.1f} img/s"
+                    f"grad_norm {gn if gn is None else round(gn, 3)} {ips:.1f} img/s "
+                    f"data wait {waited:.2f}/{elapsed:.2f} s"
                 )
         sample_now = (cfg.mlflow.sample_every > 0 and done % cfg.mlflow.sample_every == 0) or is_last
         ckpt_now = done % cfg.run.checkpoint_every == 0 or is_last

@@ -268,3 +268,37 @@ def test_a_run_without_progress_fails_and_one_with_progress_does_not():
 
     with pytest.raises(ValueError, match="bad shard"):
         fit_with_watchdog(broken, lambda: (0.0, ""), 10, 0.05)
+
+
+def test_the_log_says_how_long_the_step_waited_for_data(trainer_factory):
+    """A stream that takes 0.3 s a batch shows up as >= 0.3 s of data wait per step in the
+    log line and the metrics; a ready stream as almost none."""
+    import re
+
+    from jobs.stage_worker import run_steps
+
+    cfg = stage_config("train.steps=3", "run.checkpoint_every=100", "mlflow.sample_every=0")
+
+    class Metrics:
+        def __init__(self):
+            self.rows = []
+
+        def log_metrics(self, step, values):
+            self.rows.append((step, values["data_wait_s"]))
+
+    def waits(delay: float) -> tuple[list[float], list]:
+        def slow():
+            for b in random_batches():
+                time.sleep(delay)
+                yield b
+
+        lines, tracker = [], Metrics()
+        run_steps(trainer_factory(cfg), slow(), cfg, start=0, tracker=tracker, log=lines.append)
+        got = [float(m.group(1)) for m in (re.search(r"data wait ([0-9.]+)/[0-9.]+ s", x) for x in lines) if m]
+        return got, tracker.rows
+
+    slow_lines, slow_rows = waits(0.3)
+    assert len(slow_lines) == 3 and all(w >= 0.29 for w in slow_lines), slow_lines
+    assert [s for s, _ in slow_rows] == [1, 2, 3] and all(w >= 0.29 for _, w in slow_rows), slow_rows
+    fast_lines, _ = waits(0.0)
+    assert len(fast_lines) == 3 and all(w < 0.2 for w in fast_lines), fast_lines
