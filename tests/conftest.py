@@ -104,12 +104,17 @@ def free_port() -> int:
     return port
 
 
-def load_stack_module():
-    """``infra/local/stack.py``: the code that ``make demo`` runs to start the local stack."""
-    spec = importlib.util.spec_from_file_location("mdm_local_stack", REPO / "infra" / "local" / "stack.py")
+def load_module(path: str, name: str):
+    """A script of the repo that is no package (``bench/serve.py``, ``infra/local/stack.py``) as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_stack_module():
+    """``infra/local/stack.py``: the code that ``make demo`` runs to start the local stack."""
+    return load_module("infra/local/stack.py", "mdm_local_stack")
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,14 @@
 """bench/emoji_report.py: the claim's arithmetic and the figures of docs/RESULTS.md."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
+from conftest import load_module
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_report():
-    spec = importlib.util.spec_from_file_location("bench_emoji_report", ROOT / "bench" / "emoji_report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module("bench/emoji_report.py", "bench_emoji_report")
 
 
 def point(phase, secs, res, fid):

@@ -1,14 +1,10 @@
 """bench/sample.py runs end to end on the CPU (the GPU benchmark's smoke test)."""
 
-import importlib.util
-from pathlib import Path
+from conftest import load_module
 
 
 def test_sampling_benchmark_smoke(capsys):
-    path = Path(__file__).resolve().parents[1] / "bench" / "sample.py"
-    spec = importlib.util.spec_from_file_location("bench_sample", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_module("bench/sample.py", "bench_sample")
     rows = bench.main(
         [
             "--config",

@@ -1,17 +1,11 @@
 """bench/serve.py's direct arm is the replica's own sampler call, run in-process."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from conftest import load_module
 
 
 def load_bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
-    spec = importlib.util.spec_from_file_location("bench_serve", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_module("bench/serve.py", "bench_serve")
 
 
 def test_direct_arm_is_the_replicas_sampler_call(pipe64):

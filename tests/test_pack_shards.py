@@ -1,21 +1,16 @@
 """bench/pack_shards.py: packed pixels come back whole, in order, from parts in several folders."""
 
-import importlib.util
 import json
 import lzma
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_module
 from PIL import Image
 
 
 def load_bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "pack_shards.py"
-    spec = importlib.util.spec_from_file_location("bench_pack_shards", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_module("bench/pack_shards.py", "bench_pack_shards")
 
 
 def packed(tmp_path, rows=5, parts=(2, 3)):
