@@ -86,7 +86,8 @@ class _TimedBatches:
     """The batch stream, counting the seconds the loop spent waiting for its next batch.
 
     That wait is everything the step does not overlap: an empty read-ahead queue, the
-    conversion to tensors and the caption encoding. ``take()`` returns the seconds since the
+    conversion to tensors and the caption encoding. On a GPU it can also hold a blocking
+    copy's wait for kernels the step left queued. ``take()`` returns the seconds since the
     last ``take()``."""
 
     def __init__(self, batches: Iterator):
