@@ -37,6 +37,11 @@ from pipelines.preprocess import average_pool  # noqa: E402
 from pipelines.reader import read_manifest, shard_dataset  # noqa: E402
 
 
+def part_name(split: str, top: int, i: int) -> str:
+    """The file of part ``i`` of a split's packed ``top``-px pixels."""
+    return f"{split}_{top}.part{i}.u8.xz"
+
+
 def pack(shards: str, split: str, out: Path, parts: int = 1) -> dict:
 
     root = f"{shards.rstrip('/')}/{split}"
@@ -63,7 +68,7 @@ def pack(shards: str, split: str, out: Path, parts: int = 1) -> dict:
     bounds = np.linspace(0, len(top), parts + 1).round().astype(int)
     meta["parts"] = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        (out / f"{split}_{res[-1]}.part{i}.u8.xz").write_bytes(lzma.compress(top[a:b].tobytes(), preset=6))
+        (out / part_name(split, res[-1], i)).write_bytes(lzma.compress(top[a:b].tobytes(), preset=6))
     (out / f"{split}.json").write_text(json.dumps(meta))
     return meta
 
@@ -80,7 +85,7 @@ def load_top(data: list[Path], split: str) -> tuple[dict, np.ndarray]:
     top_r = meta["resolutions"][-1]
     chunks = []
     for i in range(len(meta["parts"])):
-        name = f"{split}_{top_r}.part{i}.u8.xz"
+        name = part_name(split, top_r, i)
         path = next((d / name for d in data if (d / name).exists()), None)
         if path is None:
             raise FileNotFoundError(f"{name} is in none of {[str(d) for d in data]}")

@@ -39,9 +39,8 @@ from pipelines.preprocess import PreprocessConfig, preprocess, process_image  # 
 from pipelines.sources import open_source  # noqa: E402
 
 
-def _make_source(job: tuple[Path, int, int]) -> None:
-    folder, i, size = job
-    emoji = sorted((ASSETS / "emoji").glob("*.png"))
+def _make_source(job: tuple[Path, int, int, list[Path]]) -> None:
+    folder, i, size, emoji = job
     rng = np.random.default_rng(i)
     base = Image.open(emoji[i % len(emoji)]).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     arr = np.asarray(base, dtype=np.int16) + rng.integers(-12, 13, (size, size, 3), dtype=np.int16)
@@ -57,7 +56,8 @@ def make_sources(folder: Path, n: int, size: int = 1024) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(_make_source, [(folder, i, size) for i in range(n)], chunksize=8))
+        emoji = sorted((ASSETS / "emoji").glob("*.png"))
+        list(pool.map(_make_source, [(folder, i, size, emoji) for i in range(n)], chunksize=8))
 
 
 def plain_loop(

@@ -92,7 +92,7 @@ def main(argv=None) -> list[dict]:
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
     arms = args.arms.split(",")
     unknown = set(arms) - {"plain", "fast", "compiled"}
-    if unknown or "plain" not in arms:
+    if unknown or arms[0] != "plain":
         raise SystemExit(f"--arms: plain first, then any of fast, compiled; got {args.arms!r}")
     pipe = MDMPipeline(model, cfg, device=device, text_encoder=encoder)
     pipes = {"plain": (pipe, False), "fast": (pipe, True)}
