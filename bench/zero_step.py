@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 bench/zero_step.py --config 64 --batch 32 --stage 2
     python bench/zero_step.py --config 64 --batch 32 --stage 2 --plain   # + the plain step, same run
+    python bench/zero_step.py --config 64 --batch 64 --stage 3 --profile 3  # where the engine's time goes
 
 Random data at the config's resolutions (the step does not depend on the pixels). Prints
 images/s (total and per GPU) and peak memory, then checks the state survives a
@@ -57,6 +58,18 @@ def main() -> None:
     p.add_argument("--plain", action="store_true", help="also time bench/train_step.py's plain step (rank 0 alone)")
     p.add_argument("--mfu", action="store_true", help="count the step's FLOPs and measure the card's bf16 peak")
     p.add_argument(
+        "--persistence_threshold", type=int, default=None, metavar="ELEMENTS",
+        help="ZeRO-3: deepspeed.stage3_persistence_threshold (parameters this small stay whole; default DeepSpeed's 1e5)",
+    )  # fmt: skip
+    p.add_argument(
+        "--granularity_threshold", type=int, default=None, metavar="N",
+        help="ZeRO-3: deepspeed.stage3_module_granularity_threshold (fetch fine-grained modules as one unit)",
+    )  # fmt: skip
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="after timing, profile N engine steps: GPU busy share of the wall time, top host and GPU ops",
+    )  # fmt: skip
+    p.add_argument(
         "--plain_layouts",
         default="channels_last,contiguous",
         help="weight layouts of the plain step: channels_last, contiguous (what DeepSpeed allows), or both",
@@ -90,7 +103,21 @@ def main() -> None:
         model,
         cfg,
         train,
-        ZeroConfig(stage=args.stage, compile=args.compile, overlap_comm=not args.no_overlap),
+        ZeroConfig(
+            stage=args.stage,
+            compile=args.compile,
+            overlap_comm=not args.no_overlap,
+            **(
+                {}
+                if args.persistence_threshold is None
+                else {"stage3_persistence_threshold": args.persistence_threshold}
+            ),
+            **(
+                {}
+                if args.granularity_threshold is None
+                else {"stage3_module_granularity_threshold": args.granularity_threshold}
+            ),
+        ),
         null=null,
     )
     batch = make_batch(cfg, args.batch, device, seed=trainer.rank)  # on the device, as BenchStep's
@@ -130,6 +157,10 @@ def main() -> None:
         "overlap_comm": not args.no_overlap,
         "engine_autocast": not args.engine_autocast_off,
         "grad_clip": args.grad_clip,
+        "stage3_persistence_threshold": trainer.zero.stage3_persistence_threshold if args.stage == 3 else None,
+        "stage3_module_granularity_threshold": (
+            trainer.zero.stage3_module_granularity_threshold if args.stage == 3 else None
+        ),
         "world": world,
         "batch_per_gpu": args.batch,
         "img_per_s": round(args.batch * world * args.steps / elapsed, 1),
@@ -138,6 +169,8 @@ def main() -> None:
         "loss_finite": bool(torch.isfinite(torch.tensor(loss))),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
+    if args.profile:
+        result.update(profile_steps(trainer, stream, args.profile, cuda))
     # state round trip: save, train on, load, and the step/EMA/optimizer come back
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "ckpt") if world == 1 else "/tmp/mdm-zero-bench-ckpt"
@@ -177,6 +210,52 @@ def main() -> None:
         result.update(model_flops_utilisation(cfg, args.batch, device, result))
     if trainer.rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: time the GPU ran at least one kernel."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def profile_steps(trainer, stream, n: int, cuda: bool) -> dict:
+    """``n`` engine steps under ``torch.profiler``: the wall time a step takes, how much of it
+    the GPU was running kernels (the rest is host work the GPU waits for: hooks, launches,
+    syncs), and the ops that take the most host and GPU time, printed as the profiler's tables."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            trainer.train_step(stream)
+        if cuda:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t) * 1e3 / n
+    events = prof.events()
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    gpu_ms = busy_us(kernels) / 1e3 / n
+    table = prof.key_averages()
+    if trainer.rank == 0:
+        print(
+            f"PROFILE {n} steps: {wall_ms:.1f} ms a step, GPU busy {gpu_ms:.1f} ms, {len(kernels) // n} kernels a step"
+        )
+        print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), flush=True)
+        if cuda:
+            print(table.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60), flush=True)
+    return {
+        "profile_step_ms": round(wall_ms, 1),
+        "profile_gpu_busy_ms": round(gpu_ms, 1) if cuda else None,
+        "profile_gpu_busy_share": round(gpu_ms / wall_ms, 3) if cuda else None,
+        "profile_kernels_per_step": len(kernels) // n,
+    }
 
 
 def model_flops_utilisation(cfg, batch_size: int, device: str, result: dict) -> dict:

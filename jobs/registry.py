@@ -21,27 +21,10 @@ __all__ = [
     "find_or_create_run",
 ]
 
+from mdm.storage import default_tracking_uri, state_dir  # noqa: E402  (one default for jobs and library)
+
 PYFUNC_CODE = Path(__file__).with_name("mdm_pyfunc.py")
 MDM_PACKAGE = Path(__file__).resolve().parents[1] / "mdm"
-
-
-def state_dir() -> Path:
-    """The local state folder of the embedded default: ``$MDM_STATE_DIR``, else ``~/.mdm``.
-
-    ``make`` sets it to the checkout's ``.state``; a Ray job inherits it from the
-    environment the Ray head was started in (its working dir is a temporary copy).
-    """
-    return Path(os.environ.get("MDM_STATE_DIR") or Path.home() / ".mdm").expanduser().resolve()
-
-
-def default_tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else SQLite in the local state folder."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    folder = state_dir() / "mlflow"
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 def set_tracking(tracking_uri: str | None, experiment: str) -> str:

@@ -111,12 +111,16 @@ def resolve_source(src: str) -> Path:
             import mlflow
         except ImportError as e:
             raise RuntimeError("loading from the model registry needs mlflow (pip install mlflow)") from e
+        from .storage import use_default_registry
+
+        registry = use_default_registry()
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=src)
         except Exception as e:  # noqa: BLE001 - mlflow raises many types
             raise FileNotFoundError(
-                f"cannot fetch {src} from the MLflow registry at {mlflow.get_tracking_uri()}: {e}. "
-                "Check MLFLOW_TRACKING_URI and that the version or alias exists."
+                f"cannot fetch {src} from the MLflow registry at {registry}: {e}. "
+                "Check MLFLOW_TRACKING_URI (or MDM_STATE_DIR, whose SQLite registry is the default) "
+                "and that the version or alias exists."
             ) from e
         path = Path(local)
         for cand in [path, path / "model", *path.rglob(CONFIG_FILE)]:

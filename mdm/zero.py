@@ -94,12 +94,28 @@ class ZeroConfig:
     reduce_bucket_size: int = 50_000_000
     channels_last: bool = True  # on GPU: channels-last activations (weights stay contiguous)
     compile: bool = False  # torch.compile the model's forward (ZeRO 0-2; ZeRO-3's hooks break graphs)
+    # ZeRO-3: parameters of at most this many elements stay whole on every rank instead of
+    # being gathered before and freed after each module's use (DeepSpeed's default: 1e5)
+    stage3_persistence_threshold: int = 100_000
+    # ZeRO-3: modules whose parameters per descendant fall under this are fetched as one unit,
+    # with one pair of hooks instead of one per submodule (DeepSpeed's default 0: off)
+    stage3_module_granularity_threshold: int = 0
 
     def validate(self) -> ZeroConfig:
         if self.stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.stage: {self.stage} is not a ZeRO stage (0, 1, 2 or 3)")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"deepspeed.precision: {self.precision!r} is not auto, bf16 or fp32")
+        if self.stage3_module_granularity_threshold < 0:
+            raise ConfigError(
+                f"deepspeed.stage3_module_granularity_threshold: {self.stage3_module_granularity_threshold} is "
+                "negative; give parameters per descendant module (0 turns the grouping off)"
+            )
+        if self.stage3_persistence_threshold < 0:
+            raise ConfigError(
+                f"deepspeed.stage3_persistence_threshold: {self.stage3_persistence_threshold} is negative; "
+                "give a parameter size in elements (0 partitions every parameter)"
+            )
         return self
 
 
@@ -121,7 +137,11 @@ def deepspeed_config(
             reduce_bucket_size=zero.reduce_bucket_size,
         )
     if zero.stage == 3:
-        zero_opt.update(stage3_gather_16bit_weights_on_model_save=False)
+        zero_opt.update(
+            stage3_gather_16bit_weights_on_model_save=False,
+            stage3_param_persistence_threshold=zero.stage3_persistence_threshold,
+            stage3_module_granularity_threshold=zero.stage3_module_granularity_threshold,
+        )
     extra = {}
     if autocast is not None:
         extra["torch_autocast"] = {"enabled": True, "dtype": str(autocast).removeprefix("torch.")}

@@ -225,10 +225,12 @@ def locate_model(source: str) -> RegistryRef:
     """
     if not source.startswith("models:/"):
         return RegistryRef(source=source, load_source=source)
-    import mlflow
     from mlflow import MlflowClient
 
+    from mdm.storage import use_default_registry
+
     body = source[len("models:/") :]
+    registry = use_default_registry()  # the app's or $MLFLOW_TRACKING_URI, else the stage jobs' default
     client = MlflowClient()
     alias = None
     try:
@@ -245,7 +247,7 @@ def locate_model(source: str) -> RegistryRef:
     except Exception as e:  # noqa: BLE001 - mlflow raises many types
         msg = str(getattr(e, "message", e)).splitlines()[0]
         raise LookupError(
-            f"{source} is not in the MLflow registry at {mlflow.get_tracking_uri()}: {msg}. "
+            f"{source} is not in the MLflow registry at {registry}: {msg}. "
             "Check MLFLOW_TRACKING_URI (or the app's mlflow_tracking_uri) and the alias or version."
         ) from None
     aliases = list(getattr(mv, "aliases", []) or [])

@@ -4,6 +4,10 @@ a model folder that every part of the project loads by ``models:/name@alias``.""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +124,29 @@ def test_the_parent_alias_is_resolved_once_and_that_version_is_loaded(mlflow_ser
     want, _ = load_pretrained(trained["stage32"])
     assert parent["inner_sha256"] == state_fingerprint(inner_state_dict(want))
     assert moved != first
+
+
+def test_models_uris_resolve_in_the_registry_the_jobs_write_by_default(trained, tmp_path):
+    """With no MLFLOW_TRACKING_URI a stage job registers in SQLite under $MDM_STATE_DIR.
+    ``mdm sample --checkpoint models:/...`` and Serve, run from another folder, must look
+    there too, not in MLflow's own default (``./mlflow.db`` of the current folder), where
+    the model is not (the emoji run's grids failed on exactly this)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MDM_STATE_DIR=str(tmp_path / "state"), PYTHONPATH=str(repo))
+    register = (
+        "from jobs.registry import register_model, set_tracking; set_tracking(None, 'default-registry'); "
+        f"register_model({str(trained['stage64'])!r}, name='mdm-default', alias='stage-64')"
+    )
+    subprocess.run([sys.executable, "-c", register], cwd=repo, env=env, check=True, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    load = (
+        "from mdm import load_pretrained; from serve.engine import locate_model; "
+        "m, c = load_pretrained('models:/mdm-default@stage-64'); ref = locate_model('models:/mdm-default@stage-64'); "
+        "print('resolutions', c.model.resolutions, 'version', ref.version)"
+    )
+    out = subprocess.run([sys.executable, "-c", load], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resolutions [32, 64] version 1" in out.stdout
+    assert not (elsewhere / "mlflow.db").exists()

@@ -25,14 +25,43 @@ def test_config_keeps_autocast_inside_the_engine():
     assert "torch_autocast" not in deepspeed_config(TrainConfig(), ZeroConfig(), 1, None)
 
 
-def _tiny_trainer(stage: int):
+def _tiny_trainer(stage: int, **zero):
     from mdm import MDMModel, get_config
     from mdm.zero import ZeroTrainer
 
     cfg = get_config("tiny-32")
     cfg.model.conditioning.kind = "none"
     torch.manual_seed(0)
-    return ZeroTrainer(MDMModel(cfg.model), cfg, TrainConfig(batch_size=2, warmup_steps=1), ZeroConfig(stage=stage))
+    return ZeroTrainer(
+        MDMModel(cfg.model), cfg, TrainConfig(batch_size=2, warmup_steps=1), ZeroConfig(stage=stage, **zero)
+    )
+
+
+def test_zero3_groups_fine_grained_modules_under_the_granularity_threshold():
+    """The threshold reaches DeepSpeed: above it, small submodules are fetched as one leaf
+    unit (fewer per-module hooks, the host cost of ZeRO-3 on one GPU); at 0 none is."""
+    from mdm.config import ConfigError
+
+    grouped = _tiny_trainer(3, stage3_module_granularity_threshold=10**9)
+    assert any(getattr(m, "_z3_leaf", False) for m in grouped.engine.module.modules())
+    plain = _tiny_trainer(3)
+    assert not any(getattr(m, "_z3_leaf", False) for m in plain.engine.module.modules())
+    with pytest.raises(ConfigError, match="stage3_module_granularity_threshold"):
+        ZeroConfig(stage=3, stage3_module_granularity_threshold=-1).validate()
+
+
+def test_zero3_keeps_parameters_under_the_persistence_threshold_whole():
+    """The threshold reaches DeepSpeed: above every parameter's size nothing is partitioned
+    (no gather/free per module, the one-GPU case); at 0 every parameter is."""
+    from mdm.config import ConfigError
+
+    every = _tiny_trainer(3, stage3_persistence_threshold=10**12)
+    params = list(every.engine.module.parameters())
+    assert params and all(p.ds_persist for p in params)
+    none = _tiny_trainer(3, stage3_persistence_threshold=0)
+    assert not any(p.ds_persist for p in none.engine.module.parameters())
+    with pytest.raises(ConfigError, match="stage3_persistence_threshold"):
+        ZeroConfig(stage=3, stage3_persistence_threshold=-1).validate()
 
 
 def _batches():
