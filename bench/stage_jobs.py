@@ -66,16 +66,17 @@ def run_job(config: str, steps: int, args, log_path: Path) -> dict:
     with open(log_path, "w", buffering=1) as log:  # line by line: a killed run keeps its log
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
-            log.write(f"[{time.perf_counter() - t0:7.1f}s] {line}")  # where a job's start-up time goes
+            since = time.perf_counter() - t0
+            log.write(f"[{since:7.1f}s] {line}")  # where a job's start-up time goes
             m = STEP_LINE.search(line)
             if m and int(m.group(1)) not in rates:
                 rates[int(m.group(1))] = float(m.group(3))
                 w = WAIT.search(line)
                 if w:
                     waits[int(m.group(1))] = (float(w.group(1)), float(w.group(2)))
-                print(f"  [{config} {time.perf_counter() - t0:.0f}s] {line.strip()[-140:]}", flush=True)
+                print(f"  [{config} {since:.0f}s] {line.strip()[-140:]}", flush=True)
             elif any(k in line for k in ("registered models:/", "Error", "error:", "FID", "finished at step")):
-                print(f"  [{config} {time.perf_counter() - t0:.0f}s] {line.strip()[-200:]}", flush=True)
+                print(f"  [{config} {since:.0f}s] {line.strip()[-200:]}", flush=True)
             lines.append(line)
         rc = proc.wait()
     wall = time.perf_counter() - t0

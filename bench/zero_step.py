@@ -58,12 +58,12 @@ def main() -> None:
     p.add_argument("--plain", action="store_true", help="also time bench/train_step.py's plain step (rank 0 alone)")
     p.add_argument("--mfu", action="store_true", help="count the step's FLOPs and measure the card's bf16 peak")
     p.add_argument(
-        "--persistence_threshold", type=int, default=None, metavar="ELEMENTS",
+        "--persistence_threshold", type=int, default=ZeroConfig.stage3_persistence_threshold, metavar="ELEMENTS",
         help="ZeRO-3: deepspeed.stage3_persistence_threshold (parameters this small stay whole; default DeepSpeed's 1e5)",
     )  # fmt: skip
     p.add_argument(
-        "--granularity_threshold", type=int, default=None, metavar="N",
-        help="ZeRO-3: deepspeed.stage3_module_granularity_threshold (fetch fine-grained modules as one unit)",
+        "--granularity_threshold", type=int, default=ZeroConfig.stage3_module_granularity_threshold, metavar="N",
+        help="ZeRO-3: deepspeed.stage3_module_granularity_threshold (fetch fine-grained modules as one unit; 0: off)",
     )  # fmt: skip
     p.add_argument(
         "--profile", type=int, default=0, metavar="N",
@@ -107,16 +107,8 @@ def main() -> None:
             stage=args.stage,
             compile=args.compile,
             overlap_comm=not args.no_overlap,
-            **(
-                {}
-                if args.persistence_threshold is None
-                else {"stage3_persistence_threshold": args.persistence_threshold}
-            ),
-            **(
-                {}
-                if args.granularity_threshold is None
-                else {"stage3_module_granularity_threshold": args.granularity_threshold}
-            ),
+            stage3_persistence_threshold=args.persistence_threshold,
+            stage3_module_granularity_threshold=args.granularity_threshold,
         ),
         null=null,
     )
@@ -157,10 +149,8 @@ def main() -> None:
         "overlap_comm": not args.no_overlap,
         "engine_autocast": not args.engine_autocast_off,
         "grad_clip": args.grad_clip,
-        "stage3_persistence_threshold": trainer.zero.stage3_persistence_threshold if args.stage == 3 else None,
-        "stage3_module_granularity_threshold": (
-            trainer.zero.stage3_module_granularity_threshold if args.stage == 3 else None
-        ),
+        "stage3_persistence_threshold": args.persistence_threshold if args.stage == 3 else None,
+        "stage3_module_granularity_threshold": args.granularity_threshold if args.stage == 3 else None,
         "world": world,
         "batch_per_gpu": args.batch,
         "img_per_s": round(args.batch * world * args.steps / elapsed, 1),

@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from mdm.storage import default_tracking_uri, state_dir  # one default for the jobs and the library
+
 __all__ = [
     "state_dir",
     "default_tracking_uri",
@@ -20,8 +22,6 @@ __all__ = [
     "resolve_version",
     "find_or_create_run",
 ]
-
-from mdm.storage import default_tracking_uri, state_dir  # noqa: E402  (one default for jobs and library)
 
 PYFUNC_CODE = Path(__file__).with_name("mdm_pyfunc.py")
 MDM_PACKAGE = Path(__file__).resolve().parents[1] / "mdm"
