@@ -49,6 +49,10 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (ZeRO 0-2)")
     p.add_argument("--no_overlap", action="store_true", help="deepspeed.overlap_comm=false")
     p.add_argument(
+        "--precision", default="auto", choices=["auto", "bf16", "bf16-weights", "fp32"],
+        help="deepspeed.precision: bf16 (autocast, fp32 weights), bf16-weights (DeepSpeed's bf16 mode); default auto",
+    )  # fmt: skip
+    p.add_argument(
         "--engine_autocast_off",
         action="store_true",
         help="the step before the fix: no torch_autocast section, so DeepSpeed runs the forward in fp32",
@@ -107,6 +111,7 @@ def main() -> None:
             stage=args.stage,
             compile=args.compile,
             overlap_comm=not args.no_overlap,
+            precision=args.precision,
             stage3_persistence_threshold=args.persistence_threshold,
             stage3_module_granularity_threshold=args.granularity_threshold,
         ),
@@ -147,6 +152,7 @@ def main() -> None:
         "zero_stage": args.stage,
         "compile": args.compile,
         "overlap_comm": not args.no_overlap,
+        "precision": args.precision,
         "engine_autocast": not args.engine_autocast_off,
         "grad_clip": args.grad_clip,
         "stage3_persistence_threshold": args.persistence_threshold if args.stage == 3 else None,
@@ -157,6 +163,7 @@ def main() -> None:
         "img_per_s_per_gpu": round(args.batch * args.steps / elapsed, 1),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "loss_finite": bool(torch.isfinite(torch.tensor(loss))),
+        "last_loss": round(loss, 5),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
     if args.profile:

@@ -15,7 +15,9 @@ average-pooled from the top one, as preprocessing does.
 
 With a ``models:/`` model (and mlflow installed) or --mlflow_run_id, the metrics fid_<R>,
 kid_<R> (and caption_similarity_<R>) and the report (evaluation/report.json) are logged to
-that run: by default the run that registered the model version. Runs on this process's
+that run: by default the run that registered the model version. A sample grid of
+--grid_prompts held-out prompts x --grid_seeds seeds at every resolution is written beside
+the report (``<report>_grid_<R>.png``) and logged there too. Runs on this process's
 device (cuda when present, or --device); Ray is never started.
 """
 
@@ -105,16 +107,60 @@ def mlflow_run_for(model: str, run_id: str | None) -> str | None:
     return MlflowClient().get_model_version(name, version).run_id or None
 
 
-def log_to_mlflow(run_id: str, report: dict[str, Any]) -> None:
+def log_to_mlflow(run_id: str, report: dict[str, Any], grids: Path | None = None) -> None:
+    """Metrics ``fid_<R>``, ``kid_<R>`` (and ``caption_similarity_<R>``), the report as
+    ``evaluation/report.json`` and the grid PNGs in ``grids`` under ``evaluation/``."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
+    if grids is not None:
+        for png in sorted(grids.glob("*.png")):
+            client.log_artifact(run_id, str(png), "evaluation")
     for r, m in report["metrics"].items():
         client.log_metric(run_id, f"fid_{r}", m["fid"])
         client.log_metric(run_id, f"kid_{r}", m["kid_mean"])
         if "caption_similarity" in m:
             client.log_metric(run_id, f"caption_similarity_{r}", m["caption_similarity"])
     client.log_dict(run_id, report, "evaluation/report.json")
+
+
+def grid_uri(report_uri: str, resolution: int) -> str:
+    """Where the grid of ``resolution`` goes: beside the report, ``<report stem>_grid_<R>.png``."""
+    stem = report_uri[: -len(".json")] if report_uri.endswith(".json") else report_uri
+    return f"{stem}_grid_{resolution}.png"
+
+
+def write_grids(pipe: Any, captions: list[str], args: argparse.Namespace) -> tuple[dict[str, Any] | None, Path | None]:
+    """Draw the sample grid of ``--grid_prompts`` held-out prompts, write one PNG per resolution
+    beside the report; returns the report's ``grid`` entry and the local folder of the PNGs."""
+    import tempfile
+
+    from mdm.evaluation import grid_prompts, sample_grid
+    from mdm.storage import url_to_fs
+
+    text = pipe.config.model.conditioning.kind == "text"
+    prompts = grid_prompts(captions, args.grid_prompts) if text else None
+    if text and not prompts:
+        print("no sample grid: the held-out rows have no captions to draw it from", file=sys.stderr)
+        return None, None
+    grids = sample_grid(
+        pipe, prompts, rows=args.grid_prompts, per_row=args.grid_seeds, seed=args.seed, sampler=args.sampler,
+        steps=args.steps, guidance=args.guidance_scale, batch_size=args.batch_size,
+    )  # fmt: skip
+    local = Path(tempfile.mkdtemp(prefix="mdm-grid-"))
+    files = {}
+    for r, image in grids.items():
+        uri = grid_uri(args.out, r)
+        path = local / uri.rsplit("/", 1)[-1]
+        image.save(path)
+        fs, remote = url_to_fs(uri)
+        parent = remote.rsplit("/", 1)[0]
+        if parent and parent != remote:
+            fs.makedirs(parent, exist_ok=True)
+        fs.put_file(str(path), remote)
+        files[str(r)] = uri
+    entry = {"prompts": prompts, "seeds": list(range(args.seed, args.seed + args.grid_seeds)), "files": files}
+    return entry, local
 
 
 def write_report(uri: str, report: dict[str, Any]) -> None:
@@ -165,13 +211,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in the state folder)",
     )
+    p.add_argument(
+        "--grid_prompts",
+        type=int,
+        default=8,
+        help="also draw a sample grid of this many held-out prompts (rows) at every resolution, "
+        "written beside the report as <report>_grid_<R>.png; 0 skips it (default 8)",
+    )
+    p.add_argument("--grid_seeds", type=int, default=4, help="columns of the grid: seeds SEED.. per prompt (default 4)")
     p.add_argument("--no_mlflow", action="store_true", help="never log to MLflow")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.grid_prompts < 0 or args.grid_seeds < 1:
+        parser.error(
+            f"--grid_prompts must be >= 0 and --grid_seeds >= 1, got {args.grid_prompts} and {args.grid_seeds}"
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
             kid_subsets=args.kid_subsets,
             progress=not args.no_progress,
         )
+        grid, grids = write_grids(pipe, captions, args) if args.grid_prompts > 0 else (None, None)
+        if grid is not None:
+            report["grid"] = grid
     except (FileNotFoundError, ValueError, LookupError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -217,11 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     report["shards"] = shards
     run_id = mlflow_run_for(args.model, args.mlflow_run_id) if use_mlflow else None
     if run_id:
-        log_to_mlflow(run_id, report)
+        log_to_mlflow(run_id, report, grids)
         report["mlflow_run_id"] = run_id
     write_report(args.out, report)
     for r, m in report["metrics"].items():
         print(f"{r:>5}px  FID {m['fid']:.2f}  KID {m['kid_mean']:.4f} ± {m['kid_std']:.4f}")
+    if grids is not None:
+        print(f"sample grids written beside it: {', '.join(report['grid']['files'].values())}")
     print(f"report written to {args.out}" + (f"; logged to MLflow run {run_id}" if run_id else ""))
     return 0
 

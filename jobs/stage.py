@@ -72,7 +72,8 @@ def evaluate_stage(cfg: StageConfig, model_dir: Path, run_id: str, tracking_uri:
     argv = [
         "--model", str(model_dir), "--shards", e.shards, "--num_samples", str(e.num_samples),
         "--steps", str(e.steps), "--sampler", e.sampler, "--guidance_scale", str(e.guidance),
-        "--batch_size", str(e.batch_size), "--mlflow_run_id", run_id, "--tracking_uri", tracking_uri,
+        "--batch_size", str(e.batch_size), "--grid_prompts", str(e.grid_prompts),
+        "--mlflow_run_id", run_id, "--tracking_uri", tracking_uri,
         "--out", out, "--no_progress",
     ]  # fmt: skip
     if e.num_real:
@@ -82,6 +83,19 @@ def evaluate_stage(cfg: StageConfig, model_dir: Path, run_id: str, tracking_uri:
         raise RuntimeError(
             f"the stage's weights are registered, but their evaluation on {e.shards} failed (see above); "
             "re-run it alone with jobs/evaluate.py"
+        )
+
+
+def check_text_emb(manifest: dict, ccfg: Any, shards: str) -> None:
+    """Refuse shards whose precomputed ``text_emb`` is not what the model's own encoder gives:
+    another encoder, or another token count (``max_text_tokens``; a longer encoding cut
+    short differs from a short one, since every token attends to all the others)."""
+    stored = manifest.get("text_encoder")  # {"name": ..., "max_tokens": ...}, written by jobs/preprocess.py
+    want = {"name": ccfg.text_encoder, "max_tokens": ccfg.max_text_tokens}
+    if not isinstance(stored, dict) or {k: stored.get(k) for k in want} != want:
+        raise ConfigError(
+            f"data.text_emb: {shards} was encoded with {stored!r}, the model needs {want}; re-run preprocessing "
+            f"with --text_encoder {ccfg.text_encoder} --max_text_tokens {ccfg.max_text_tokens}, or drop data.text_emb"
         )
 
 
@@ -394,12 +408,8 @@ def run_stage(cfg: StageConfig) -> int:
     missing = [r for r in cfg.model.model.resolutions if r not in manifest["resolutions"]]
     if missing:
         raise ConfigError(f"{cfg.data.shards} holds resolutions {manifest['resolutions']}, the model needs {missing}")
-    ccfg = cfg.model.model.conditioning
-    if cfg.data.text_emb and manifest.get("text_encoder") != ccfg.text_encoder:
-        raise ConfigError(
-            f"data.text_emb: the shards were encoded with {manifest.get('text_encoder')!r}, the model uses "
-            f"{ccfg.text_encoder!r}; re-run preprocessing with --text_encoder {ccfg.text_encoder} or drop text_emb"
-        )
+    if cfg.data.text_emb:
+        check_text_emb(manifest, cfg.model.model.conditioning, cfg.data.shards)
     fs, root = arrow_fs(storage)
     check_resume(cfg, fs, root)
     tracking_uri = set_tracking(cfg.mlflow.tracking_uri or None, cfg.mlflow.experiment)

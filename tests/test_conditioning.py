@@ -17,6 +17,25 @@ def test_default_encoder_is_offline_minilm(text_encoder):
     assert torch.allclose(again[0], tokens[0], atol=1e-5)
 
 
+def test_encoding_only_the_longest_prompt_matches_padding_to_max_length(text_encoder):
+    """encode() runs the network on the batch's longest prompt, not on max_length tokens; the
+    valid tokens must come out as the full-length run gives them, whatever the batch, and
+    padded slots must be zero and masked."""
+    prompts = ["fox face", "a red apple on a wooden table, noto style", ""]
+    tokens, mask = text_encoder.encode(prompts)
+    full = text_encoder.tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=text_encoder.max_length, return_tensors="pt"
+    )
+    with torch.no_grad():
+        ref = text_encoder.model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).last_hidden_state
+    assert torch.equal(mask, full["attention_mask"].bool())
+    assert torch.allclose(tokens[mask], ref[mask], atol=1e-4)
+    assert mask.sum(1).max() < mask.shape[1] and not tokens[~mask].any()
+    alone, alone_mask = text_encoder.encode(["fox face"])  # shorter batch, fewer positions run
+    assert alone.shape == tokens[:1].shape and torch.equal(alone_mask[0], mask[0])
+    assert torch.allclose(alone[0][mask[0]], tokens[0][mask[0]], atol=1e-4)
+
+
 def _tiny_hf_model(tmp_path, kind, text_encoder):
     """A randomly initialised T5 encoder or CLIP text tower saved as a Hugging Face folder."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel

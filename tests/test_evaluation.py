@@ -226,6 +226,31 @@ def test_mdm_eval_reports_every_resolution(tiny_model, tmp_path):
     assert set(report["timings"]) >= {"generate_s", "features_s", "total_s"}
 
 
+def test_sample_grid_rows_are_prompts_and_columns_are_seeds(tiny_model):
+    """Row i holds prompt i, column k seed SEED + k in every row, whatever the batching; each
+    cell is what ``generate`` draws for that prompt and seed alone."""
+    from mdm.evaluation import grid_prompts, sample_grid
+    from mdm.pipeline import MDMPipeline
+
+    assert grid_prompts(["a", "b", "b", "", "c", "d", "e", "f"], 3) == ["a", "c", "e"]
+    assert grid_prompts(["a", "b"], 8) == ["a", "b"] and grid_prompts(["a"], 0) == []
+    pipe = MDMPipeline.from_pretrained(tiny_model, device="cpu")
+    prompts = ["a red circle", "a blue square"]
+    grids = sample_grid(pipe, prompts, per_row=3, seed=5, steps=2, guidance=2.0, batch_size=4)
+    assert set(grids) == {32, 64}
+    for r, img in grids.items():
+        assert img.size == (3 * (r + 2) + 2, 2 * (r + 2) + 2)
+
+    def cell(i: int, k: int, r: int = 64) -> np.ndarray:
+        a = np.asarray(grids[r]).astype(int)
+        return a[2 + i * (r + 2) : 2 + i * (r + 2) + r, 2 + k * (r + 2) : 2 + k * (r + 2) + r]
+
+    alone = pipe.generate(prompt=[prompts[1]], num_samples=1, seeds=[6], steps=2, guidance_scale=2.0)[-1]
+    expected = to_uint8(alone)[0].permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(cell(1, 1) - expected).max() <= 2  # batch shape changes fp32 round-off only
+    assert np.abs(cell(1, 0) - expected).mean() > 10  # another seed is another image
+
+
 def _write_shards(folder: Path, resolutions: list[int]) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -281,7 +306,7 @@ def test_evaluate_job_end_to_end_on_shards(tiny_model, tmp_path):
     out = tmp_path / "r.json"
     args = ["--model", str(tiny_model), "--shards", str(tmp_path / "shards"), "--num_samples", "3"]
     args += ["--num_real", "4", "--steps", "1", "--kid_subsets", "3", "--device", "cpu", "--no_progress"]
-    args += ["--no_mlflow", "--out", str(out)]
+    args += ["--no_mlflow", "--grid_prompts", "2", "--grid_seeds", "3", "--out", str(out)]
     # run as the job runs, then check that nothing imported Ray
     code = (
         "import sys; from jobs.evaluate import main; rc = main(sys.argv[1:]); "
@@ -295,6 +320,16 @@ def test_evaluate_job_end_to_end_on_shards(tiny_model, tmp_path):
     assert set(report["metrics"]) == {"32", "64"}  # 32 px pooled from the stored 64 px images
     assert report["num_real"] == {"32": 4, "64": 4}
     assert report["shards"] == str(tmp_path / "shards")
+    from PIL import Image
+
+    # the grid: 2 of the held-out captions, 3 seeds, one picture per resolution beside the report
+    captions = demo_images(64)[1]
+    assert len(report["grid"]["prompts"]) == 2 and set(report["grid"]["prompts"]) <= set(captions)
+    assert report["grid"]["seeds"] == [0, 1, 2]
+    for r in (32, 64):
+        path = tmp_path / f"r_grid_{r}.png"
+        assert report["grid"]["files"][str(r)] == str(path)
+        assert Image.open(path).size == (3 * (r + 2) + 2, 2 * (r + 2) + 2)
 
 
 def test_evaluate_job_help_documents_every_option():
@@ -331,7 +366,16 @@ def test_report_is_logged_to_an_mlflow_run(mlflow_server, tmp_path):
     }
     assert mlflow_run_for(str(tmp_path), run_id) == run_id
     assert mlflow_run_for(str(tmp_path), None) is None  # a folder model has no run of its own
-    log_to_mlflow(run_id, report)
+    grids = tmp_path / "grids"
+    grids.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(grids / "report_grid_64.png")
+    log_to_mlflow(run_id, report, grids)
+    assert [a.path for a in client.list_artifacts(run_id, "evaluation")] == [
+        "evaluation/report.json",
+        "evaluation/report_grid_64.png",
+    ]
     metrics = client.get_run(run_id).data.metrics
     assert metrics == {"fid_32": 12.5, "kid_32": 0.01, "caption_similarity_32": 0.5, "fid_64": 20.0, "kid_64": 0.02}
     logged = mlflow.artifacts.load_dict(f"runs:/{run_id}/evaluation/report.json")

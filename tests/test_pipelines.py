@@ -226,6 +226,16 @@ def test_text_embeddings_are_precomputed(ray_session, mixed, tmp_path):
     rows = open_shards(out, [32], with_text_emb=True).take(3)
     emb = np.frombuffer(rows[0]["text_emb"], dtype=np.float16).reshape(8, 384)
     assert np.isfinite(emb).all() and 1 <= rows[0]["text_len"] <= 8
+    # the stage jobs accept these shards for a model with the same encoder and token count
+    # (they compared the manifest's entry with the bare encoder name and refused every set)
+    from jobs.stage import check_text_emb
+    from mdm.config import ConditioningConfig, ConfigError
+
+    check_text_emb(read_manifest(out), ConditioningConfig(kind="text", max_text_tokens=8), out)
+    with pytest.raises(ConfigError, match="--max_text_tokens 64"):
+        check_text_emb(read_manifest(out), ConditioningConfig(kind="text", max_text_tokens=64), out)
+    with pytest.raises(ConfigError, match="drop data.text_emb"):
+        check_text_emb({"text_encoder": None}, ConditioningConfig(kind="text", max_text_tokens=8), out)
 
 
 def test_preprocess_job_cli(ray_session, mixed, tmp_path):

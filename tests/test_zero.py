@@ -110,3 +110,41 @@ def test_a_checkpoint_resumes_but_code_pickled_into_it_never_runs(tmp_path, stag
     with pytest.raises(pickle.UnpicklingError, match="refused, nothing of it was run"):
         trainer.load(tmp_path / "ckpt")
     assert not marker.exists(), "the checkpoint's pickled code ran"
+
+
+def test_bf16_weights_mode_keeps_bf16_weights_and_steps_fp32_masters(tmp_path):
+    """``precision: bf16-weights`` is DeepSpeed's bf16 mode: the module computes with bf16
+    weights (nothing to cast at each use), and the optimizer steps fp32 master copies, so
+    an update far below bf16's resolution (lr 1e-6 against weights of ~0.05, whose bf16
+    spacing is ~2e-4) still moves the masters. A checkpoint brings the masters back."""
+    from mdm import MDMModel, get_config
+    from mdm.zero import ZeroTrainer
+
+    cfg = get_config("tiny-32")
+    cfg.model.conditioning.kind = "none"
+    torch.manual_seed(0)
+    train = TrainConfig(batch_size=2, warmup_steps=1, lr=1e-6, ema_decay=0.9)
+    trainer = ZeroTrainer(MDMModel(cfg.model), cfg, train, ZeroConfig(stage=2, precision="bf16-weights"))
+    assert trainer.autocast == torch.bfloat16
+    weights = [p for p in trainer.engine.module.parameters() if p.requires_grad]
+    assert weights and all(p.dtype == torch.bfloat16 for p in weights)
+    masters = trainer.optimizer.single_partition_of_fp32_groups
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    before_masters = [m.detach().clone() for m in masters]
+    before_weights = [p.detach().clone() for p in weights]
+    batches = _batches()
+    losses = [trainer.train_step(batches) for _ in range(2)]
+    assert all(torch.isfinite(x).all() for x in losses)
+    moved = [(m - b).abs().max().item() for m, b in zip(masters, before_masters)]
+    assert max(moved) > 0 and max(moved) < 1e-4  # the masters took the tiny update
+    # ... which no bf16 weight of magnitude > 0.01 (spacing >= 6e-5) can show yet
+    big = [(p[b.abs() > 0.01], b[b.abs() > 0.01]) for p, b in zip(weights, before_weights)]
+    assert sum(b.numel() for _, b in big) > 1000
+    assert all(torch.equal(p, b) for p, b in big)
+    assert all(v.dtype == torch.float32 for v in trainer.export_ema().values())
+
+    trainer.save(tmp_path / "ckpt")
+    saved = [m.detach().clone() for m in masters]
+    trainer.train_step(batches)
+    trainer.load(tmp_path / "ckpt")
+    assert all(torch.equal(m, s) for m, s in zip(trainer.optimizer.single_partition_of_fp32_groups, saved))
