@@ -31,7 +31,7 @@ from train_step import BenchStep, make_batch, timed  # noqa: E402
 from mdm import MDMModel, get_config  # noqa: E402
 from mdm.conditioning import null_condition  # noqa: E402
 from mdm.training import TrainConfig  # noqa: E402
-from mdm.zero import ZeroConfig, ZeroTrainer  # noqa: E402
+from mdm.zero import PRECISIONS, ZeroConfig, ZeroTrainer  # noqa: E402
 
 
 def repeat(batch):
@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (ZeRO 0-2)")
     p.add_argument("--no_overlap", action="store_true", help="deepspeed.overlap_comm=false")
     p.add_argument(
-        "--precision", default="auto", choices=["auto", "bf16", "bf16-weights", "fp32"],
+        "--precision", default="auto", choices=PRECISIONS,
         help="deepspeed.precision: bf16 (autocast, fp32 weights), bf16-weights (DeepSpeed's bf16 mode); default auto",
     )  # fmt: skip
     p.add_argument(

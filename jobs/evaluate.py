@@ -107,15 +107,14 @@ def mlflow_run_for(model: str, run_id: str | None) -> str | None:
     return MlflowClient().get_model_version(name, version).run_id or None
 
 
-def log_to_mlflow(run_id: str, report: dict[str, Any], grids: Path | None = None) -> None:
+def log_to_mlflow(run_id: str, report: dict[str, Any], grids: dict[str, Any] | None = None) -> None:
     """Metrics ``fid_<R>``, ``kid_<R>`` (and ``caption_similarity_<R>``), the report as
-    ``evaluation/report.json`` and the grid PNGs in ``grids`` under ``evaluation/``."""
+    ``evaluation/report.json`` and ``grids`` (file name -> PIL image) under ``evaluation/``."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    if grids is not None:
-        for png in sorted(grids.glob("*.png")):
-            client.log_artifact(run_id, str(png), "evaluation")
+    for name, image in sorted((grids or {}).items()):
+        client.log_image(run_id, image, f"evaluation/{name}")
     for r, m in report["metrics"].items():
         client.log_metric(run_id, f"fid_{r}", m["fid"])
         client.log_metric(run_id, f"kid_{r}", m["kid_mean"])
@@ -130,13 +129,13 @@ def grid_uri(report_uri: str, resolution: int) -> str:
     return f"{stem}_grid_{resolution}.png"
 
 
-def write_grids(pipe: Any, captions: list[str], args: argparse.Namespace) -> tuple[dict[str, Any] | None, Path | None]:
-    """Draw the sample grid of ``--grid_prompts`` held-out prompts, write one PNG per resolution
-    beside the report; returns the report's ``grid`` entry and the local folder of the PNGs."""
-    import tempfile
-
+def write_grids(
+    pipe: Any, captions: list[str], args: argparse.Namespace
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Draw the sample grid of ``--grid_prompts`` held-out prompts and write one PNG per
+    resolution beside the report; returns the report's ``grid`` entry and the pictures by
+    file name (for MLflow)."""
     from mdm.evaluation import grid_prompts, sample_grid
-    from mdm.storage import url_to_fs
 
     text = pipe.config.model.conditioning.kind == "text"
     prompts = grid_prompts(captions, args.grid_prompts) if text else None
@@ -147,31 +146,31 @@ def write_grids(pipe: Any, captions: list[str], args: argparse.Namespace) -> tup
         pipe, prompts, rows=args.grid_prompts, per_row=args.grid_seeds, seed=args.seed, sampler=args.sampler,
         steps=args.steps, guidance=args.guidance_scale, batch_size=args.batch_size,
     )  # fmt: skip
-    local = Path(tempfile.mkdtemp(prefix="mdm-grid-"))
-    files = {}
+    files, images = {}, {}
     for r, image in grids.items():
         uri = grid_uri(args.out, r)
-        path = local / uri.rsplit("/", 1)[-1]
-        image.save(path)
-        fs, remote = url_to_fs(uri)
-        parent = remote.rsplit("/", 1)[0]
-        if parent and parent != remote:
-            fs.makedirs(parent, exist_ok=True)
-        fs.put_file(str(path), remote)
+        with _open_for_write(uri, "wb") as f:
+            image.save(f, format="PNG")
         files[str(r)] = uri
+        images[uri.rsplit("/", 1)[-1]] = image
     entry = {"prompts": prompts, "seeds": list(range(args.seed, args.seed + args.grid_seeds)), "files": files}
-    return entry, local
+    return entry, images
 
 
-def write_report(uri: str, report: dict[str, Any]) -> None:
-    """Write the JSON report to a local path or a storage URI."""
+def _open_for_write(uri: str, mode: str):
+    """Open a local path or storage URI for writing, its parent folder made first."""
     from mdm.storage import url_to_fs
 
     fs, path = url_to_fs(uri)
     parent = path.rsplit("/", 1)[0]
     if parent and parent != path:
         fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as f:
+    return fs.open(path, mode)
+
+
+def write_report(uri: str, report: dict[str, Any]) -> None:
+    """Write the JSON report to a local path or a storage URI."""
+    with _open_for_write(uri, "w") as f:
         json.dump(report, f, indent=2)
 
 

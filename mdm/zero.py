@@ -29,7 +29,7 @@ import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -88,13 +88,17 @@ def _weights_only_engine(config_params):
     return WeightsOnlyCheckpointEngine(config_params)
 
 
+Precision = Literal["auto", "bf16", "bf16-weights", "fp32"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
 @dataclass
 class ZeroConfig:
     """DeepSpeed settings of a stage."""
 
     stage: int = 2  # ZeRO stage: 1 optimizer states, 2 + gradients, 3 + parameters
     # auto: bf16 on GPU, fp32 on CPU; bf16-weights: DeepSpeed's bf16 mode (bf16 weights, fp32 masters)
-    precision: Literal["auto", "bf16", "bf16-weights", "fp32"] = "auto"
+    precision: Precision = "auto"
     overlap_comm: bool = True
     reduce_bucket_size: int = 50_000_000
     channels_last: bool = True  # on GPU: channels-last activations (weights stay contiguous)
@@ -109,8 +113,8 @@ class ZeroConfig:
     def validate(self) -> ZeroConfig:
         if self.stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.stage: {self.stage} is not a ZeRO stage (0, 1, 2 or 3)")
-        if self.precision not in ("auto", "bf16", "bf16-weights", "fp32"):
-            raise ConfigError(f"deepspeed.precision: {self.precision!r} is not auto, bf16, bf16-weights or fp32")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"deepspeed.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.stage3_module_granularity_threshold < 0:
             raise ConfigError(
                 f"deepspeed.stage3_module_granularity_threshold: {self.stage3_module_granularity_threshold} is "

@@ -366,12 +366,9 @@ def test_report_is_logged_to_an_mlflow_run(mlflow_server, tmp_path):
     }
     assert mlflow_run_for(str(tmp_path), run_id) == run_id
     assert mlflow_run_for(str(tmp_path), None) is None  # a folder model has no run of its own
-    grids = tmp_path / "grids"
-    grids.mkdir()
     from PIL import Image
 
-    Image.new("RGB", (8, 8), (255, 0, 0)).save(grids / "report_grid_64.png")
-    log_to_mlflow(run_id, report, grids)
+    log_to_mlflow(run_id, report, {"report_grid_64.png": Image.new("RGB", (8, 8), (255, 0, 0))})
     assert [a.path for a in client.list_artifacts(run_id, "evaluation")] == [
         "evaluation/report.json",
         "evaluation/report_grid_64.png",
