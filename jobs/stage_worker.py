@@ -200,18 +200,24 @@ def run_steps(
             log(f"sample grids of step {done} queued for MLflow ({len(grids)} resolutions)")
 
 
-def batches_from_shard(shard, cfg: StageConfig, encoder, epoch_seed: int):
-    """Endless :class:`mdm.training.Batch` stream from this worker's dataset shard."""
+def batches_from_shard(shard, cfg: StageConfig, encoder, epoch_seed: int, pin: bool = False):
+    """Endless :class:`mdm.training.PixelBatch` stream from this worker's dataset shard.
+
+    The read-ahead thread turns each numpy batch into uint8 tensors and the condition
+    (stacking ``text_emb`` when the shards carry it) and, with ``pin`` (a CUDA worker), pins
+    them, so the training thread's copies to the GPU never wait for queued kernels. Captions
+    are encoded in the training thread, on the encoder's device."""
     import numpy as np
     import torch
 
     from mdm.conditioning import make_condition
-    from mdm.training import Batch
+    from mdm.training import PixelBatch
     from mdm.unet import Condition
-    from pipelines.reader import EmptyEpochError, endless_batches, iter_training_batches, to_tensors
+    from pipelines.reader import EmptyEpochError, endless_batches, iter_training_batches, pixel_tensors
 
     res = cfg.model.model.resolutions
     ccfg = cfg.model.model.conditioning
+    encode = ccfg.kind == "text" and not cfg.data.text_emb
     # Conditions are built on the encoder's device (the worker's GPU, where it has one).
     cond_device = encoder.device if encoder is not None else "cpu"
 
@@ -220,22 +226,34 @@ def batches_from_shard(shard, cfg: StageConfig, encoder, epoch_seed: int):
             shard, cfg.train.batch_size, shuffle_buffer=cfg.data.shuffle_buffer, seed=epoch_seed + epoch
         )
 
+    def prepare(b: dict) -> tuple[PixelBatch, list[str] | None]:  # in the read-ahead thread
+        pixels = pixel_tensors(b, res)
+        n = pixels[0].shape[0]
+        size = torch.from_numpy(np.minimum(b["source_width"], b["source_height"]).astype("float32"))
+        captions = [str(c) for c in b["caption"]] if encode else None
+        if encode:
+            cond = Condition(source_size=size)  # completed by the training thread
+        elif cfg.data.text_emb and ccfg.kind == "text":
+            emb = np.stack([np.frombuffer(x, dtype=np.float16) for x in b["text_emb"]])
+            tokens = torch.from_numpy(emb.reshape(n, -1, ccfg.text_dim).astype(np.float32))
+            mask = torch.arange(tokens.shape[1])[None, :] < torch.from_numpy(b["text_len"])[:, None]
+            cond = Condition(tokens, mask, None, size)
+        else:
+            labels = b["label"].astype("int64").tolist() if ccfg.kind == "class" else None
+            cond = make_condition(ccfg, n, None, labels, size)
+        batch = PixelBatch(pixels, cond)
+        return (batch.pin_memory() if pin else batch), captions
+
     try:
         # The next epoch's start (Ray Data restarts per epoch) overlaps training on queued batches.
-        for _, b in endless_batches(epoch_batches, cfg.data.prefetch_batches):
-            images = to_tensors(b, res, device="cpu")
-            n = images[0].shape[0]
-            size = torch.from_numpy(np.minimum(b["source_width"], b["source_height"]).astype("float32"))
-            if cfg.data.text_emb and ccfg.kind == "text":
-                emb = np.stack([np.frombuffer(x, dtype=np.float16) for x in b["text_emb"]])
-                tokens = torch.from_numpy(emb.reshape(n, -1, ccfg.text_dim).astype(np.float32))
-                mask = torch.arange(tokens.shape[1])[None, :] < torch.from_numpy(b["text_len"])[:, None]
-                cond = Condition(tokens, mask, None, size)
-            else:
-                captions = [str(c) for c in b["caption"]] if ccfg.kind == "text" else None
-                labels = b["label"].astype("int64").tolist() if ccfg.kind == "class" else None
-                cond = make_condition(ccfg, n, captions, labels, size, encoder, cond_device)
-            yield Batch(images, cond)
+        for _, (batch, captions) in endless_batches(epoch_batches, cfg.data.prefetch_batches, prepare):
+            if captions is not None:
+                enc = make_condition(ccfg, len(captions), captions, None, None, encoder, cond_device)
+                # source_size stays the (pinned) host tensor: PixelBatch.to copies it asynchronously.
+                batch = PixelBatch(
+                    batch.pixels, Condition(enc.text_tokens, enc.text_mask, None, batch.cond.source_size)
+                )
+            yield batch
     except EmptyEpochError:
         raise RuntimeError(
             f"a worker's share of {cfg.data.shards} holds fewer rows than train.batch_size="
@@ -310,7 +328,9 @@ def train_loop_per_worker(payload: dict) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         tracker = Tracker(payload["tracking_uri"], payload["run_id"], log=_log)
     shard = ray.train.get_dataset_shard("train")
-    batches = batches_from_shard(shard, cfg, None if cfg.data.text_emb else encoder, cfg.train.seed * 7919 + start)
+    batches = batches_from_shard(
+        shard, cfg, None if cfg.data.text_emb else encoder, cfg.train.seed * 7919 + start, pin=device.type == "cuda"
+    )
     beat("waiting for the first batch", phase="data")
 
     def report(folder: str, step: int) -> None:

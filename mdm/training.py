@@ -23,7 +23,16 @@ from .diffusion import MultiResolutionDiffusion
 from .unet import Condition
 from .weights import EMA
 
-__all__ = ["Batch", "TrainConfig", "TrainStep", "lr_multiplier", "make_optimizer", "train_local"]
+__all__ = [
+    "Batch",
+    "PixelBatch",
+    "TrainConfig",
+    "TrainStep",
+    "lr_multiplier",
+    "make_optimizer",
+    "pixels_to_unit",
+    "train_local",
+]
 
 
 @dataclass
@@ -37,6 +46,38 @@ class Batch:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         imgs = [x.to(device=device, dtype=dtype or x.dtype, memory_format=fmt, non_blocking=True) for x in self.images]
         return Batch(imgs, self.cond.to(device, dtype))
+
+
+def pixels_to_unit(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N, R, R, 3) pixels -> float32 (N, 3, R, R) in [-1, 1], on ``x``'s device.
+
+    The permuted uint8 view is already channels-last in memory, so ``channels_last=True``
+    costs no extra copy."""
+    y = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@dataclass
+class PixelBatch:
+    """A batch as the data pipeline delivers it: uint8 (N, R, R, 3) pixels at every resolution
+    (lowest first) and the condition, on the host.
+
+    ``to`` returns the :class:`Batch` on ``device``: the uint8 bytes cross (4x fewer than
+    float) and are converted there. After :meth:`pin_memory` (done off the training thread)
+    the copies are asynchronous, so feeding a step never makes the host wait for the GPU;
+    from pageable memory each copy would wait for every kernel queued before it."""
+
+    pixels: list[torch.Tensor]
+    cond: Condition
+
+    def pin_memory(self) -> PixelBatch:
+        return PixelBatch([x.pin_memory() for x in self.pixels], self.cond.pin_memory())
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, channels_last: bool = False) -> Batch:
+        imgs = [pixels_to_unit(x.to(device, non_blocking=True), channels_last) for x in self.pixels]
+        if dtype is not None:
+            imgs = [x.to(dtype) for x in imgs]
+        return Batch(imgs, self.cond.to(device, dtype, non_blocking=True))
 
 
 @dataclass

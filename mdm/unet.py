@@ -41,15 +41,25 @@ class Condition:
     labels: torch.Tensor | None = None
     source_size: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> Condition:
         def mv(x: torch.Tensor | None, floating: bool) -> torch.Tensor | None:
             if x is None:
                 return None
-            return x.to(device=device, dtype=dtype if (floating and dtype is not None) else None)
+            want = dtype if (floating and dtype is not None) else None
+            return x.to(device=device, dtype=want, non_blocking=non_blocking)
 
         return Condition(
             mv(self.text_tokens, True), mv(self.text_mask, False), mv(self.labels, False), mv(self.source_size, False)
         )
+
+    def pin_memory(self) -> Condition:
+        """The same condition in page-locked host memory, so that ``to(cuda, non_blocking=True)``
+        copies without making the host wait for the device (needs CUDA)."""
+
+        def pin(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.pin_memory()
+
+        return Condition(pin(self.text_tokens), pin(self.text_mask), pin(self.labels), pin(self.source_size))
 
     @staticmethod
     def cat(conds: list[Condition]) -> Condition:

@@ -37,6 +37,7 @@ __all__ = [
     "iter_training_batches",
     "endless_batches",
     "EmptyEpochError",
+    "pixel_tensors",
     "to_tensors",
 ]
 
@@ -155,9 +156,14 @@ class _Failed:
         self.error = error
 
 
-def endless_batches(epoch_batches: Callable[[int], Iterator[Any]], depth: int = 16) -> Iterator[tuple[int, Any]]:
-    """``(epoch, batch)`` for epoch 0, 1, 2, ... of ``epoch_batches(epoch)``, read ahead by a
-    thread into a queue of ``depth`` batches.
+def endless_batches(
+    epoch_batches: Callable[[int], Iterator[Any]], depth: int = 16, transform: Callable[[Any], Any] | None = None
+) -> Iterator[tuple[int, Any]]:
+    """``(epoch, transform(batch))`` for epoch 0, 1, 2, ... of ``epoch_batches(epoch)``, read
+    ahead by a thread into a queue of ``depth`` batches.
+
+    ``transform`` runs in that thread (the conversion to tensors, pinning), off the
+    consumer's critical path.
 
     The thread moves on to the next epoch as soon as the last batch of the current one is
     queued, so that epoch's start-up (Ray Data restarts its executor per epoch) overlaps
@@ -172,7 +178,7 @@ def endless_batches(epoch_batches: Callable[[int], Iterator[Any]], depth: int = 
             got = 0
             for b in epoch_batches(epoch):
                 got += 1
-                yield epoch, b
+                yield epoch, (b if transform is None else transform(b))
             if got == 0:
                 raise EmptyEpochError(f"epoch {epoch} has no batches")
             epoch += 1
@@ -220,11 +226,13 @@ def to_tensors(
 
     The uint8 copy crosses to the device (4x fewer bytes than float) and is converted there.
     """
+    from mdm.training import pixels_to_unit
+
+    return [pixels_to_unit(x.to(device, non_blocking=True), channels_last) for x in pixel_tensors(batch, resolutions)]
+
+
+def pixel_tensors(batch: dict[str, np.ndarray], resolutions: list[int]) -> list[Any]:
+    """The uint8 (N, R, R, 3) columns as CPU tensors (sharing the batch's memory)."""
     import torch
 
-    out = []
-    for r in resolutions:
-        x = torch.from_numpy(np.ascontiguousarray(batch[f"image_{r}"])).to(device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        out.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous())
-    return out
+    return [torch.from_numpy(np.ascontiguousarray(batch[f"image_{r}"])) for r in resolutions]

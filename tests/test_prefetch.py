@@ -102,3 +102,33 @@ def test_closing_the_stream_stops_its_thread():
             break
         time.sleep(0.05)
     assert not alive
+
+
+@pytest.mark.parametrize("depth", [0, 4])
+def test_the_transform_runs_in_the_reader_thread(depth):
+    # The stage jobs convert and pin each batch in ``transform``: with read-ahead that must
+    # happen off the training thread, which only waits when the queue is empty.
+    seen: list[int] = []
+
+    def transform(b):
+        seen.append(threading.get_ident())
+        return {**b, "done": True}
+
+    gen = endless_batches(lambda e: iter([{"i": i} for i in range(3)]), depth, transform)
+    got = [next(gen) for _ in range(4)]
+    gen.close()
+    assert [b for _, b in got] == [{"i": i, "done": True} for i in (0, 1, 2, 0)]
+    me = threading.get_ident()
+    assert seen and (all(t == me for t in seen) if depth == 0 else all(t != me for t in seen)), (depth, seen, me)
+
+
+def test_a_transform_error_reaches_the_consumer():
+    def transform(b):
+        if b["i"] == 1:
+            raise ValueError("batch 1: text_emb has 383 values per token, not 384")
+        return b
+
+    gen = endless_batches(lambda e: iter([{"i": i} for i in range(3)]), 4, transform)
+    assert next(gen) == (0, {"i": 0})
+    with pytest.raises(ValueError, match="383 values per token"):
+        next(gen)

@@ -1,11 +1,13 @@
 """Training: the loss falls on real images; dropout, EMA and the LR schedule behave."""
 
+import numpy as np
+import pytest
 import torch
 
 from mdm import EMA, TrainConfig
 from mdm.conditioning import drop_condition, make_condition, null_condition
 from mdm.config import ConditioningConfig
-from mdm.training import lr_multiplier
+from mdm.training import PixelBatch, lr_multiplier
 from mdm.unet import Condition
 
 
@@ -63,3 +65,24 @@ def test_lr_warmup_then_cosine():
     assert abs(lr_multiplier(100, cfg) - 0.1) < 1e-9
     assert lr_multiplier(55, cfg) < lr_multiplier(30, cfg)
     assert lr_multiplier(80, TrainConfig(steps=100, warmup_steps=10)) == 1.0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pixel_batch_converts_on_the_device_as_the_reference_does(channels_last):
+    # The stage jobs ship uint8 pixels and convert after the copy: the floats must be exactly
+    # x / 127.5 - 1 of every pixel, in the layout the trainer asked for.
+    rng = np.random.default_rng(0)
+    arrs = [rng.integers(0, 256, (3, r, r, 3), dtype=np.uint8) for r in (8, 16)]
+    arrs[0][0, 0, 0] = (0, 255, 128)
+    cond = Condition(torch.randn(3, 4, 6), torch.ones(3, 4, dtype=torch.bool), None, torch.tensor([64.0, 80, 96]))
+    batch = PixelBatch([torch.from_numpy(a) for a in arrs], cond).to("cpu", torch.float64, channels_last)
+    for x, a in zip(batch.images, arrs):
+        want = torch.from_numpy((a.astype(np.float32) / np.float32(127.5) - np.float32(1)).transpose(0, 3, 1, 2))
+        assert x.dtype == torch.float64 and torch.equal(x, want.double())
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert x.is_contiguous(memory_format=fmt)
+    assert batch.images[0][0, :, 0, 0].tolist() == [-1.0, 1.0, float(np.float32(128) / np.float32(127.5) - 1)]
+    assert batch.cond.text_tokens.dtype == torch.float64 and torch.equal(
+        batch.cond.text_tokens.float(), cond.text_tokens
+    )
+    assert batch.cond.text_mask.dtype == torch.bool and batch.cond.source_size.dtype == torch.float32
