@@ -207,6 +207,8 @@ def batches_from_shard(shard, cfg: StageConfig, encoder, epoch_seed: int, pin: b
     (stacking ``text_emb`` when the shards carry it) and, with ``pin`` (a CUDA worker), pins
     them, so the training thread's copies to the GPU never wait for queued kernels. Captions
     are encoded in the training thread, on the encoder's device."""
+    from dataclasses import replace
+
     import numpy as np
     import torch
 
@@ -230,10 +232,11 @@ def batches_from_shard(shard, cfg: StageConfig, encoder, epoch_seed: int, pin: b
         pixels = pixel_tensors(b, res)
         n = pixels[0].shape[0]
         size = torch.from_numpy(np.minimum(b["source_width"], b["source_height"]).astype("float32"))
-        captions = [str(c) for c in b["caption"]] if encode else None
+        captions = None
         if encode:
+            captions = [str(c) for c in b["caption"]]
             cond = Condition(source_size=size)  # completed by the training thread
-        elif cfg.data.text_emb and ccfg.kind == "text":
+        elif ccfg.kind == "text":  # the shards' text_emb
             emb = np.stack([np.frombuffer(x, dtype=np.float16) for x in b["text_emb"]])
             tokens = torch.from_numpy(emb.reshape(n, -1, ccfg.text_dim).astype(np.float32))
             mask = torch.arange(tokens.shape[1])[None, :] < torch.from_numpy(b["text_len"])[:, None]
@@ -250,9 +253,7 @@ def batches_from_shard(shard, cfg: StageConfig, encoder, epoch_seed: int, pin: b
             if captions is not None:
                 enc = make_condition(ccfg, len(captions), captions, None, None, encoder, cond_device)
                 # source_size stays the (pinned) host tensor: PixelBatch.to copies it asynchronously.
-                batch = PixelBatch(
-                    batch.pixels, Condition(enc.text_tokens, enc.text_mask, None, batch.cond.source_size)
-                )
+                batch = PixelBatch(batch.pixels, replace(enc, source_size=batch.cond.source_size))
             yield batch
     except EmptyEpochError:
         raise RuntimeError(
