@@ -38,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.stage_config import StageConfig, flatten, load_stage_config, resume_changes  # noqa: E402
-from jobs.stage_worker import train_loop_per_worker  # noqa: E402
+from jobs.stage_worker import NotRetryableError, train_loop_per_worker  # noqa: E402
 from mdm.config import ConfigError, to_dict  # noqa: E402
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "check_resume",
     "fit_with_watchdog",
     "StalledError",
+    "fail_fast_callback",
 ]
 
 CONFIG_FILE = "mdm_stage_config.json"  # beside the run's checkpoints: the config it was started with
@@ -333,6 +334,33 @@ def fit_with_watchdog(
     return out["value"]
 
 
+def fail_fast_callback():
+    """A Ray Train callback (it runs in the controller) that ends the run at the first worker
+    error a restart would only repeat (:class:`jobs.stage_worker.NotRetryableError`, e.g. the
+    accelerator's memory): raising from it fails the controller's step, which Ray Train does not
+    retry. Every other worker error still gets the ``run.max_failures`` restarts."""
+    import ray.train
+
+    class FailFast(ray.train.UserCallback):
+        def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+            for error in worker_exceptions.values():
+                if isinstance(error, NotRetryableError):
+                    raise NotRetryableError(str(error))
+
+    return FailFast()
+
+
+def _not_retryable(error: BaseException) -> NotRetryableError | None:
+    """The :class:`NotRetryableError` that ended a run, from what ``trainer.fit`` raised."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, NotRetryableError):
+            return error
+        error = getattr(error, "controller_failure", None) or error.__cause__ or error.__context__
+    return None
+
+
 def parse_args(argv: list[str] | None, resolution: int, default_model: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog=f"jobs/stage_{resolution}.py",
@@ -384,7 +412,7 @@ def main(argv: list[str] | None, resolution: int, default_model: str) -> int:
     except (ConfigError, LookupError, FileNotFoundError, ValueError) as e:
         print(f"stage_{resolution}: error: {e}", file=sys.stderr)
         return 2
-    except StalledError as e:
+    except (StalledError, NotRetryableError) as e:
         print(f"stage_{resolution}: error: {e}", file=sys.stderr)
         import ray
 
@@ -481,6 +509,7 @@ def run_stage(cfg: StageConfig) -> int:
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=[fail_fast_callback()],
         ),
         datasets={"train": ds},
     )
@@ -489,7 +518,13 @@ def run_stage(cfg: StageConfig) -> int:
     def last_progress() -> tuple[float, str]:
         return ray.get(board.last.remote(), timeout=30)
 
-    result = fit_with_watchdog(trainer.fit, last_progress, cfg.run.stall_timeout_s)
+    try:
+        result = fit_with_watchdog(trainer.fit, last_progress, cfg.run.stall_timeout_s)
+    except Exception as e:
+        fatal = _not_retryable(e)
+        if fatal is None:
+            raise
+        raise fatal from None
     try:
         _log(f"last progress from the workers: {last_progress()[1]}")
     except Exception:  # noqa: BLE001 - informational only

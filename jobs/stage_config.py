@@ -200,6 +200,7 @@ RESUME_SAFE = (
     "data.cache",
     "data.prefetch_batches",
     "scaling.cpus_per_worker",
+    "train.gradient_checkpointing",  # recomputes activations: same maths, less memory
     "deepspeed.overlap_comm",
     "deepspeed.reduce_bucket_size",
     "deepspeed.compile",

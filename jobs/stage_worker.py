@@ -9,6 +9,7 @@ runs, and is tested, in a plain process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -20,7 +21,15 @@ from typing import Any
 from jobs.stage_config import StageConfig
 from mdm.config import MDMConfig, from_dict
 
-__all__ = ["train_loop_per_worker", "run_steps", "batches_from_shard", "SampleGrids", "Heartbeat"]
+__all__ = [
+    "train_loop_per_worker",
+    "run_steps",
+    "batches_from_shard",
+    "SampleGrids",
+    "Heartbeat",
+    "NotRetryableError",
+    "out_of_memory_is_fatal",
+]
 
 
 def _log(msg: str) -> None:
@@ -28,6 +37,42 @@ def _log(msg: str) -> None:
     # stdout is wrapped, to print it as well, so each line reached the driver twice.
     sys.stdout.write(f"[stage] {msg}\n")
     sys.stdout.flush()
+
+
+class NotRetryableError(RuntimeError):
+    """A worker error that a restart from the last checkpoint would only repeat: the driver's
+    failure callback (``jobs.stage.fail_fast_callback``) ends the run on it instead of spending
+    ``run.max_failures`` restarts on the same error."""
+
+
+@contextlib.contextmanager
+def out_of_memory_is_fatal(cfg: StageConfig, rank: int, progress: Callable[[], str] = lambda: ""):
+    """Turn the accelerator running out of memory into a :class:`NotRetryableError` that says
+    what to change. The same config on the same card runs out again after a restart, so
+    retrying it costs each restart's start-up and nothing else."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        b, acc = cfg.train.batch_size, cfg.train.grad_accum
+        card = ""
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            card = f" on {props.name} ({props.total_memory / 2**30:.1f} GiB)"
+        fixes = []
+        if b > 1:
+            fixes.append(f"--set train.batch_size={b // 2} --set train.grad_accum={2 * acc} (the same images a step)")
+        if not cfg.train.gradient_checkpointing:
+            fixes.append("--set train.gradient_checkpointing=true")
+        fixes.append("a card with more memory")
+        where = progress()
+        raise NotRetryableError(
+            f"rank {rank} ran out of accelerator memory{card}{' ' + where if where else ''}: {cfg.model.name} at "
+            f"train.batch_size={b} per worker does not fit, and a restart would run out again, so the run stops "
+            f"here (its checkpoints are kept). Re-submit the same run name with {' or '.join(fixes)}. "
+            f"PyTorch said: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
 class Heartbeat:
@@ -310,7 +355,8 @@ def train_loop_per_worker(payload: dict) -> None:
     encoder = get_text_encoder(ccfg.text_encoder, ccfg.max_text_tokens, str(device)) if ccfg.kind == "text" else None
     null = null_condition(ccfg, 1, encoder) if ccfg.kind != "none" else None
     beat("building the DeepSpeed engine", phase="engine")
-    trainer = ZeroTrainer(model, mcfg, cfg.train, cfg.deepspeed, null=null, device=device)
+    with out_of_memory_is_fatal(cfg, rank, lambda: "while building the DeepSpeed engine"):
+        trainer = ZeroTrainer(model, mcfg, cfg.train, cfg.deepspeed, null=null, device=device)
 
     start = 0
     ckpt = ray.train.get_checkpoint()
@@ -342,17 +388,18 @@ def train_loop_per_worker(payload: dict) -> None:
         )
 
     try:
-        run_steps(
-            trainer,
-            batches,
-            cfg,
-            start=start,
-            world=world,
-            tracker=tracker,
-            samples=SampleGrids(cfg, device) if rank == 0 else None,
-            report=report,
-            beat=beat,
-        )
+        with out_of_memory_is_fatal(cfg, rank, lambda: f"in step {trainer.step + 1}"):
+            run_steps(
+                trainer,
+                batches,
+                cfg,
+                start=start,
+                world=world,
+                tracker=tracker,
+                samples=SampleGrids(cfg, device) if rank == 0 else None,
+                report=report,
+                beat=beat,
+            )
     finally:
         if tracker is not None:
             tracker.close()

@@ -302,3 +302,85 @@ def test_the_log_says_how_long_the_step_waited_for_data(trainer_factory):
     assert [s for s, _ in slow_rows] == [1, 2, 3] and all(w >= 0.29 for _, w in slow_rows), slow_rows
     fast_lines, _ = waits(0.0)
     assert len(fast_lines) == 3 and all(w < 0.2 for w in fast_lines), fast_lines
+
+
+# ---------------------------------------------------------------------------- errors a restart repeats
+def test_running_out_of_accelerator_memory_says_what_to_change():
+    from jobs.stage_worker import NotRetryableError, out_of_memory_is_fatal
+
+    cfg = load_stage_config("small-64-128", None, ["train.batch_size=128"])
+    with pytest.raises(NotRetryableError) as err:
+        with out_of_memory_is_fatal(cfg, 0, lambda: "in step 1"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    msg = str(err.value)
+    assert "rank 0 ran out of accelerator memory" in msg and "in step 1" in msg
+    assert "small-64-128 at train.batch_size=128" in msg
+    assert "--set train.batch_size=64 --set train.grad_accum=2" in msg
+    assert "--set train.gradient_checkpointing=true" in msg
+    assert "Tried to allocate 2.00 GiB" in msg
+
+    checkpointed = load_stage_config("small-64-128", None, ["train.batch_size=1", "train.gradient_checkpointing=true"])
+    with pytest.raises(NotRetryableError) as err:
+        with out_of_memory_is_fatal(checkpointed, 3):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    assert "train.batch_size=0" not in str(err.value) and "gradient_checkpointing=true" not in str(err.value)
+    assert "a card with more memory" in str(err.value)
+
+    with pytest.raises(ValueError, match="bad shard"):  # every other error passes unchanged
+        with out_of_memory_is_fatal(cfg, 0):
+            raise ValueError("bad shard")
+
+
+def test_gradient_checkpointing_may_change_on_resume(tmp_path):
+    fs, root = _storage(tmp_path)
+    check_resume(stage_config("run.name=r2"), fs, root)
+    (tmp_path / "r2" / "step_00000002").mkdir()
+    check_resume(stage_config("run.name=r2", "train.gradient_checkpointing=true"), fs, root)
+    with pytest.raises(ConfigError, match="train.batch_size: 2 -> 1"):
+        check_resume(stage_config("run.name=r2", "train.batch_size=1"), fs, root)
+
+
+def _attempts(tmp_path, name: str, error) -> tuple[int, BaseException]:
+    """Run a one-worker ``TorchTrainer`` whose worker raises ``error`` with the stage job's
+    failure callback and two restarts allowed; how many times the worker ran, and what
+    ``fit`` raised."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jobs.stage import fail_fast_callback
+
+    log = tmp_path / f"{name}.attempts"
+
+    def loop(config):
+        with open(config["log"], "a") as f:
+            f.write("x")
+        raise config["error"]
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"log": str(log), "error": error},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(tmp_path / "runs"),
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            callbacks=[fail_fast_callback()],
+        ),
+    )
+    with pytest.raises(Exception) as err:  # noqa: B017 - Ray Train's own error types are what is checked below
+        trainer.fit()
+    return len(log.read_text()), err.value
+
+
+def test_an_error_a_restart_would_repeat_ends_the_run_at_once(ray_session, tmp_path):
+    from jobs.stage import _not_retryable
+    from jobs.stage_worker import NotRetryableError
+
+    runs, raised = _attempts(tmp_path, "oom", NotRetryableError("rank 0 ran out of accelerator memory"))
+    assert runs == 1, "a NotRetryableError must not be retried"
+    fatal = _not_retryable(raised)
+    assert isinstance(fatal, NotRetryableError) and "ran out of accelerator memory" in str(fatal)
+
+    runs, raised = _attempts(tmp_path, "flaky", RuntimeError("a lost connection"))
+    assert runs == 3, "any other worker error keeps its run.max_failures restarts"
+    assert _not_retryable(raised) is None
