@@ -11,7 +11,12 @@ prints the ratio per config.
 
     python bench/stage_jobs.py --shards DIR --configs small-64,small-64-128 --steps 200,150 --batch 128
 
-``--set KEY=VALUE`` passes further overrides to every job.
+``--set KEY=VALUE`` passes further overrides to every job, ``--set CONFIG:KEY=VALUE`` to that
+config's job alone (its ``train.batch_size`` is also the batch its benchmark runs at), so
+that one command trains every stage with its own settings:
+
+    python bench/stage_jobs.py --shards DIR --configs small-64,small-64-128 --steps 477,319 --batch 128 \
+      --set small-64-128:train.batch_size=64 --set small-64-128:train.grad_accum=2
 """
 
 from __future__ import annotations
@@ -38,6 +43,32 @@ def top_resolution(config: str) -> int:
     return get_config(config).model.resolutions[-1]
 
 
+def sets_for(config: str, sets: list[str], configs: list[str]) -> list[str]:
+    """The ``--set`` overrides for ``config``'s job: every ``KEY=VALUE``, and the
+    ``CONFIG:KEY=VALUE`` ones that name it (prefix dropped). A prefix that names no config of
+    ``configs`` is an error, not a silent global override."""
+    out = []
+    for item in sets:
+        prefix, sep, rest = item.partition(":")
+        if not sep or "=" in prefix:  # a plain KEY=VALUE, maybe with ':' in its value (s3://...)
+            out.append(item)
+        elif prefix not in configs:
+            raise SystemExit(f"--set {item}: {prefix!r} is not one of --configs {','.join(configs)}")
+        elif prefix == config:
+            out.append(rest)
+    return out
+
+
+def batch_for(config: str, args) -> int:
+    """The config's ``train.batch_size``: the last ``--set`` for it, else ``--batch``."""
+    batch = args.batch
+    for item in sets_for(config, args.set, args.configs.split(",")):
+        key, _, value = item.partition("=")
+        if key == "train.batch_size":
+            batch = int(value)
+    return batch
+
+
 def run_job(config: str, steps: int, args, log_path: Path) -> dict:
     gpu = args.gpu
     sets = {
@@ -56,7 +87,7 @@ def run_job(config: str, steps: int, args, log_path: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "jobs" / f"stage_{top_resolution(config)}.py")]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
-    for s in args.set:
+    for s in sets_for(config, args.set, args.configs.split(",")):
         cmd += ["--set", s]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
@@ -102,7 +133,7 @@ def run_job(config: str, steps: int, args, log_path: Path) -> dict:
 
 def run_bench(config: str, args) -> dict:
     cmd = [
-        sys.executable, str(ROOT / "bench" / "zero_step.py"), "--config", config, "--batch", str(args.batch),
+        sys.executable, str(ROOT / "bench" / "zero_step.py"), "--config", config, "--batch", str(batch_for(config, args)),
         "--stage", str(args.stage), "--steps", str(args.bench_steps), "--warmup", "5",
     ]  # fmt: skip
     print("$ " + " ".join(cmd), flush=True)
@@ -139,6 +170,8 @@ def main(argv=None) -> list[dict]:
 
         args.gpu = torch.cuda.is_available()
     configs = args.configs.split(",")
+    for config in configs:
+        sets_for(config, args.set, configs)  # a --set naming no config fails before any job runs
     steps = [int(s) for s in args.steps.split(",")]
     if len(steps) != len(configs):
         raise SystemExit("--steps: one value per config")
