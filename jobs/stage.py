@@ -12,7 +12,8 @@
 4. opens the shards for the model's resolutions and starts ``TorchTrainer`` with DeepSpeed
    on ``scaling.num_workers`` workers (``jobs/stage_worker.py``; checkpoints and resume
    under ``run.storage_path``), failing the job when it makes no progress for
-   ``run.stall_timeout_s``;
+   ``run.stall_timeout_s``, and at once on a worker error that a restart would only repeat
+   (out of accelerator memory: :func:`fail_fast_callback`);
 5. registers the final EMA weights as a version of ``mlflow.registered_model`` (once per
    run and step, also when re-run after a crash) and moves the alias ``stage-<R>``;
 6. with ``eval.shards`` set, scores those weights on the held-out shards (FID/KID at every
