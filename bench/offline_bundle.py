@@ -90,7 +90,10 @@ def build_site(out: Path, python: str = sys.executable) -> list[Path]:
     """Install the packages into ``out/site``, prune it, and write ``out/site-ray.tar.xz``,
     ``out/site-rest.tar.xz``, ``out/minilm.fp16.safetensors.xz`` and ``out/inception.fp16.pt.xz``."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
+
+    def remove(path: Path) -> None:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     site = out / "site"
     shutil.rmtree(site, ignore_errors=True)
@@ -112,10 +115,10 @@ def build_site(out: Path, python: str = sys.executable) -> list[Path]:
     (site / INCEPTION).unlink()
     for pattern in PRUNE:
         for path in site.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            remove(path)
     for path in list(site.rglob("*.js.map")) + list(site.rglob("__pycache__")):
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.exists():  # not inside a folder removed before it
+            remove(path)
 
     def tar(name: str, members: list[Path]) -> Path:
         target = out / name
@@ -130,16 +133,11 @@ def build_site(out: Path, python: str = sys.executable) -> list[Path]:
     ]
     state = load_file(str(here / MINILM))
     half = {k: v.half().contiguous() if v.is_floating_point() else v for k, v in state.items()}
-    save_file(half, str(out / "minilm.fp16.safetensors"))
     buf = io.BytesIO()
     torch.jit.save(torch.jit.load(str(here / INCEPTION)).half(), buf)
-    for name, data in [
-        ("minilm.fp16.safetensors.xz", (out / "minilm.fp16.safetensors").read_bytes()),
-        ("inception.fp16.pt.xz", buf.getvalue()),
-    ]:
+    for name, data in [("minilm.fp16.safetensors.xz", save(half)), ("inception.fp16.pt.xz", buf.getvalue())]:
         (out / name).write_bytes(lzma.compress(data, preset=6))
         made.append(out / name)
-    (out / "minilm.fp16.safetensors").unlink()
     return made
 
 
@@ -285,8 +283,8 @@ def unpack(bundles: list[Path], state: Path, site: Path, data: Path) -> dict:
             convert_inception(whole, site / INCEPTION)
         else:
             data.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(whole, data / name)
-        whole.unlink()
+            shutil.move(whole, data / name)  # a rename where both are on one file system
+        whole.unlink(missing_ok=True)
         for _, offset, _ in entry["pieces"]:
             (state / piece_name(name, offset)).unlink()
         installed.add(name)
