@@ -12,8 +12,9 @@ prints the ratio per config.
     python bench/stage_jobs.py --shards DIR --configs small-64,small-64-128 --steps 200,150 --batch 128
 
 ``--set KEY=VALUE`` passes further overrides to every job, ``--set CONFIG:KEY=VALUE`` to that
-config's job alone (its ``train.batch_size`` is also the batch its benchmark runs at), so
-that one command trains every stage with its own settings:
+config's job alone (its ``train.batch_size`` is also the batch its benchmark runs at, and
+its ``deepspeed.compile``, ``channels_last_weights`` and ``deepcompile`` the benchmark's
+step), so that one command trains every stage with its own settings:
 
     python bench/stage_jobs.py --shards DIR --configs small-64,small-64-128 --steps 477,319 --batch 128 \
       --set small-64-128:train.batch_size=64 --set small-64-128:train.grad_accum=2
@@ -67,6 +68,24 @@ def batch_for(config: str, args) -> int:
         if key == "train.batch_size":
             batch = int(value)
     return batch
+
+
+# Step settings of a job that its benchmark must share to be side by side (flags of bench/zero_step.py).
+BENCH_FLAGS = {
+    "deepspeed.compile": "--compile",
+    "deepspeed.channels_last_weights": "--channels_last_weights",
+    "deepspeed.deepcompile": "--deepcompile",
+}
+
+
+def bench_flags_for(config: str, args) -> list[str]:
+    """The ``bench/zero_step.py`` flags for the step settings ``config``'s job runs with."""
+    on: dict[str, bool] = {}
+    for item in sets_for(config, args.set, args.configs.split(",")):
+        key, _, value = item.partition("=")
+        if key in BENCH_FLAGS:
+            on[key] = value.strip().lower() in ("1", "true", "yes", "on")
+    return [BENCH_FLAGS[k] for k, v in on.items() if v]
 
 
 def run_job(config: str, steps: int, args, log_path: Path) -> dict:
@@ -134,7 +153,7 @@ def run_job(config: str, steps: int, args, log_path: Path) -> dict:
 def run_bench(config: str, args) -> dict:
     cmd = [
         sys.executable, str(ROOT / "bench" / "zero_step.py"), "--config", config, "--batch", str(batch_for(config, args)),
-        "--stage", str(args.stage), "--steps", str(args.bench_steps), "--warmup", "5",
+        "--stage", str(args.stage), "--steps", str(args.bench_steps), "--warmup", "5", *bench_flags_for(config, args),
     ]  # fmt: skip
     print("$ " + " ".join(cmd), flush=True)
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -3,6 +3,8 @@
     torchrun --nproc_per_node 2 bench/zero_step.py --config 64 --batch 32 --stage 2
     python bench/zero_step.py --config 64 --batch 32 --stage 2 --plain   # + the plain step, same run
     python bench/zero_step.py --config 64 --batch 64 --stage 3 --profile 3  # where the engine's time goes
+    python bench/zero_step.py --config 64 --batch 64 --compile --channels_last_weights --plain  # the layout lever
+    python bench/zero_step.py --config 64 --batch 64 --stage 3 --deepcompile  # ZeRO's hooks as graph passes
 
 Random data at the config's resolutions (the step does not depend on the pixels). Prints
 images/s (total and per GPU) and peak memory, then checks the state survives a
@@ -46,8 +48,16 @@ def main() -> None:
     p.add_argument("--stage", type=int, default=2, help="ZeRO stage")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (ZeRO 0-2)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model through engine.compile")
+    p.add_argument(
+        "--deepcompile", action="store_true",
+        help="DeepSpeed's DeepCompile (ZeRO 1-3, CUDA): ZeRO's hooks become passes of the compiled graph",
+    )  # fmt: skip
     p.add_argument("--no_overlap", action="store_true", help="deepspeed.overlap_comm=false")
+    p.add_argument(
+        "--channels_last_weights", action="store_true",
+        help="deepspeed.channels_last_weights: convolution weights stored (O, kH, kW, I), seen channels-last",
+    )  # fmt: skip
     p.add_argument(
         "--precision", default="auto", choices=PRECISIONS,
         help="deepspeed.precision: bf16 (autocast, fp32 weights), bf16-weights (DeepSpeed's bf16 mode); default auto",
@@ -109,8 +119,10 @@ def main() -> None:
         train,
         ZeroConfig(
             stage=args.stage,
-            compile=args.compile,
+            compile=args.compile or args.deepcompile,
+            deepcompile=args.deepcompile,
             overlap_comm=not args.no_overlap,
+            channels_last_weights=args.channels_last_weights,
             precision=args.precision,
             stage3_persistence_threshold=args.persistence_threshold,
             stage3_module_granularity_threshold=args.granularity_threshold,
@@ -150,8 +162,10 @@ def main() -> None:
     result = {
         "config": args.config,
         "zero_stage": args.stage,
-        "compile": args.compile,
+        "compile": args.compile or args.deepcompile,
+        "deepcompile": args.deepcompile,
         "overlap_comm": not args.no_overlap,
+        "channels_last_weights": args.channels_last_weights,
         "precision": args.precision,
         "engine_autocast": not args.engine_autocast_off,
         "grad_clip": args.grad_clip,
@@ -195,11 +209,11 @@ def main() -> None:
             key, cl_weights = layouts[name]
             plain = BenchStep(cfg, make_batch(cfg, args.batch, device), device, cl_weights=cl_weights, cl_inputs=True)
             for _ in range(args.warmup):
-                plain(compiled=args.compile)
+                plain(compiled=args.compile or args.deepcompile)
             torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(args.steps):
-                plain(compiled=args.compile)
+                plain(compiled=args.compile or args.deepcompile)
             torch.cuda.synchronize()
             result[key] = round(args.batch * args.steps / (time.perf_counter() - t), 1)
             del plain

@@ -204,6 +204,7 @@ RESUME_SAFE = (
     "deepspeed.overlap_comm",
     "deepspeed.reduce_bucket_size",
     "deepspeed.compile",
+    "deepspeed.compile_backend",
     "deepspeed.channels_last",
 )
 

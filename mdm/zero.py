@@ -16,6 +16,13 @@ weights and gradients are bf16, the optimizer steps fp32 master copies of them, 
 weight is cast in the step (ops autocast keeps in fp32, GroupNorm and the loss, still run
 in fp32); ``fp32`` is used on CPU (gloo).
 
+Layout and compilation: on GPU the step feeds channels-last activations. DeepSpeed keeps
+parameters in flat contiguous buffers, so ``channels_last_weights`` stores each convolution's
+weight as (out, kH, kW, in) and shows the convolution a channels-last view of it (exports
+stay (out, in, kH, kW)). ``compile`` goes through DeepSpeed's ``engine.compile``, for every
+ZeRO stage; ``deepcompile`` adds DeepSpeed's DeepCompile (CUDA only), which turns ZeRO's
+per-parameter and per-module hooks into passes of the compiled graph.
+
 The EMA is kept on each rank's own partition: under ZeRO-3 every rank averages only the
 slice of each parameter it owns (``ds_tensor``), so EMA memory shrinks with the world size
 like the weights do, and :meth:`ShardedEMA.full_state_dict` gathers it for export.
@@ -101,8 +108,18 @@ class ZeroConfig:
     precision: Precision = "auto"
     overlap_comm: bool = True
     reduce_bucket_size: int = 50_000_000
-    channels_last: bool = True  # on GPU: channels-last activations (weights stay contiguous)
-    compile: bool = False  # torch.compile the model's forward (ZeRO 0-2; ZeRO-3's hooks break graphs)
+    channels_last: bool = True  # on GPU: channels-last activations
+    # Convolution weights (kernels larger than 1x1) stored as (out, kH, kW, in), contiguous,
+    # so DeepSpeed's flat buffers keep them; each convolution sees a channels-last view of
+    # that storage, so cuDNN gets NHWC weights without a layout copy at every use.
+    # Exported weights and state dicts are the usual (out, in, kH, kW).
+    channels_last_weights: bool = False
+    compile: bool = False  # torch.compile the model through the engine (DeepSpeed's engine.compile)
+    compile_backend: str = "inductor"  # torch.compile backend (eager/aot_eager: trace only, for checks)
+    # DeepSpeed's DeepCompile (ZeRO 1-3, CUDA only): the ZeRO work (gradient reduction,
+    # ZeRO-3's gathers) becomes passes of the compiled graph instead of per-parameter and
+    # per-module Python hooks; implies compile
+    deepcompile: bool = False
     # ZeRO-3: parameters of at most this many elements stay whole on every rank instead of
     # being gathered before and freed after each module's use (DeepSpeed's default: 1e5)
     stage3_persistence_threshold: int = 100_000
@@ -119,6 +136,12 @@ class ZeroConfig:
             raise ConfigError(
                 f"deepspeed.stage3_module_granularity_threshold: {self.stage3_module_granularity_threshold} is "
                 "negative; give parameters per descendant module (0 turns the grouping off)"
+            )
+        if self.deepcompile and self.stage == 0:
+            raise ConfigError("deepspeed.deepcompile: needs ZeRO stage 1, 2 or 3 (DeepCompile compiles ZeRO's work)")
+        if self.deepcompile and self.compile_backend not in ("inductor", "eager"):
+            raise ConfigError(
+                f"deepspeed.compile_backend: DeepCompile runs on inductor or eager, not {self.compile_backend!r}"
             )
         if self.stage3_persistence_threshold < 0:
             raise ConfigError(
@@ -152,6 +175,8 @@ def deepspeed_config(
             stage3_module_granularity_threshold=zero.stage3_module_granularity_threshold,
         )
     extra: dict = {}
+    if zero.deepcompile:
+        extra["compile"] = {"deepcompile": True}
     if autocast is not None:
         extra["torch_autocast"] = {"enabled": True, "dtype": str(autocast).removeprefix("torch.")}
     if zero.precision == "bf16-weights":
@@ -167,6 +192,45 @@ def deepspeed_config(
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+_STORED = ".parametrizations.weight.original"
+
+
+class _NHWCWeight(nn.Module):
+    """Parametrization of a convolution's weight: stored (O, kH, kW, I), seen (O, I, kH, kW)
+    with channels-last strides (a view, no copy)."""
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.permute(0, 3, 1, 2)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.permute(0, 2, 3, 1).contiguous()
+
+
+def store_conv_weights_channels_last(model: nn.Module) -> int:
+    """Reparametrize every convolution with a kernel larger than 1x1 (1x1 weights are
+    channels-last already); returns how many. Values are unchanged."""
+    from torch.nn.utils import parametrize
+
+    count = 0
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.weight.shape[2:] != (1, 1) and not parametrize.is_parametrized(m, "weight"):
+            parametrize.register_parametrization(m, "weight", _NHWCWeight())
+            count += 1
+    return count
+
+
+def standard_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of a model with channels-last stored weights, in the usual names and
+    (O, I, kH, kW) layout; other entries pass through."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(_STORED):
+            out[k[: -len(_STORED)] + ".weight"] = v.permute(0, 3, 1, 2).contiguous()
+        else:
+            out[k] = v
+    return out
 
 
 class ShardedEMA:
@@ -270,12 +334,12 @@ class ZeroTrainer:
         # buffers (NCCL refuses channels-last strides). Channels-last inputs still make the
         # convolutions run NHWC.
         model = model.to(self.device)
+        if zero.channels_last_weights:
+            store_conv_weights_channels_last(model)
         opt = make_optimizer(model, train)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, train))
-        if zero.compile:
-            if zero.stage == 3:
-                raise ConfigError("deepspeed.compile: not with ZeRO-3 (its parameter hooks break the graph)")
-            model.compile()
+        if zero.deepcompile and not on_gpu:
+            raise ConfigError("deepspeed.deepcompile: DeepSpeed's DeepCompile runs on CUDA only; set it false here")
         if not dist.is_initialized():
             # plain `python` is a world of one; torchrun and Ray Train set these themselves
             for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
@@ -287,6 +351,10 @@ class ZeroTrainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
         )
+        if zero.compile or zero.deepcompile:
+            # DeepSpeed's own entry point: it compiles the module under the engine, turns its
+            # NVTX ranges off (graph breaks) and, with deepcompile, swaps ZeRO's hooks for passes.
+            self.engine.compile(backend=zero.compile_backend)
         # Loads never unpickle code (see _weights_only_engine); saving is DeepSpeed's own.
         self.engine.checkpoint_engine = _weights_only_engine(self.engine._config)
         self.step_fn = TrainStep(self.engine, config, null)
@@ -367,5 +435,7 @@ class ZeroTrainer:
         return client
 
     def export_ema(self) -> dict[str, torch.Tensor] | None:
-        """The EMA weights as a full state dict on rank 0 (``None`` on other ranks)."""
-        return self.ema.full_state_dict()
+        """The EMA weights as a full state dict on rank 0 (``None`` on other ranks), in the
+        model's usual names and layouts."""
+        state = self.ema.full_state_dict()
+        return None if state is None else standard_state(state)

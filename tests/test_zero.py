@@ -148,3 +148,100 @@ def test_bf16_weights_mode_keeps_bf16_weights_and_steps_fp32_masters(tmp_path):
     trainer.train_step(batches)
     trainer.load(tmp_path / "ckpt")
     assert all(torch.equal(m, s) for m, s in zip(trainer.optimizer.single_partition_of_fp32_groups, saved))
+
+
+_GRAPH_CALLS = {"compiled": 0, "ran": 0}
+
+
+def _counting_backend(gm, example_inputs):
+    """A torch.compile backend that runs the captured graph as it is and counts it."""
+    _GRAPH_CALLS["compiled"] += 1
+
+    def run(*args):
+        _GRAPH_CALLS["ran"] += 1
+        return gm.forward(*args)
+
+    return run
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_compile_reaches_the_engines_step_and_computes_the_same(stage):
+    """``deepspeed.compile`` goes through DeepSpeed's ``engine.compile``: the graphs the
+    training step runs are the compiled ones (a backend that counts them sees every step),
+    and the losses equal the eager step's. ZeRO-3 compiles too (it was refused before)."""
+    from torch._dynamo.backends.registry import list_backends
+
+    torch._dynamo.reset()
+    if "mdm_counting" not in list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(compiler_fn=_counting_backend, name="mdm_counting")
+    eager = _tiny_trainer(stage)
+    compiled = _tiny_trainer(stage, compile=True, compile_backend="mdm_counting")
+    assert compiled.engine.is_compiled
+    a, b = _batches(), _batches()
+    before = dict(_GRAPH_CALLS)
+    for _ in range(3):
+        ran = _GRAPH_CALLS["ran"]
+        loss_c = compiled.train_step(b)
+        assert _GRAPH_CALLS["ran"] > ran, "a training step ran no compiled graph"
+        assert torch.equal(loss_c, eager.train_step(a))
+    assert _GRAPH_CALLS["compiled"] > before["compiled"]
+    torch._dynamo.reset()
+
+
+def test_deepcompile_is_refused_where_deepspeed_cannot_run_it():
+    from mdm.config import ConfigError
+
+    assert deepspeed_config(TrainConfig(), ZeroConfig(deepcompile=True), 1)["compile"] == {"deepcompile": True}
+    assert "compile" not in deepspeed_config(TrainConfig(), ZeroConfig(compile=True), 1)
+    with pytest.raises(ConfigError, match="stage 1, 2 or 3"):
+        ZeroConfig(stage=0, deepcompile=True).validate()
+    with pytest.raises(ConfigError, match="CUDA only"):
+        _tiny_trainer(2, deepcompile=True)  # this machine has no GPU
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_channels_last_weights_survive_deepspeeds_flat_buffers_and_change_nothing(tmp_path, stage):
+    """DeepSpeed flattens parameters into contiguous buffers, so a channels-last weight comes
+    out contiguous and every convolution pays a layout copy (0.85-0.88x of the plain step on
+    an H200, 2026-11-26). With ``channels_last_weights`` the stored parameter is contiguous
+    (O, kH, kW, I) and the convolution sees a channels-last view of it; the step computes the
+    same, and the exported weights have the usual names and (O, I, kH, kW) layout."""
+    from mdm import MDMModel, get_config
+
+    plain = _tiny_trainer(stage)
+    nhwc = _tiny_trainer(stage, channels_last_weights=True)
+    convs = [m for m in nhwc.engine.module.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs
+    for m in convs:
+        stored = m.parametrizations.weight.original
+        assert stored.is_contiguous()  # what DeepSpeed's buffers hold
+        seen = m.weight  # (gathered first under ZeRO-3)
+        assert seen.shape == (m.out_channels, m.in_channels, *m.kernel_size)
+        assert seen.is_contiguous(memory_format=torch.channels_last) and not seen.is_contiguous()
+    a, b = _batches(), _batches()
+    for _ in range(3):
+        torch.testing.assert_close(nhwc.train_step(b), plain.train_step(a), rtol=1e-5, atol=1e-6)
+    got, want = nhwc.export_ema(), plain.export_ema()
+    cfg = get_config("tiny-32")
+    cfg.model.conditioning.kind = "none"
+    fresh = MDMModel(cfg.model).state_dict()
+    assert got.keys() == want.keys() == fresh.keys()
+    for k, v in got.items():
+        assert v.shape == fresh[k].shape and v.is_contiguous(), k
+        torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6)
+    nhwc.save(tmp_path / "ckpt")
+    nhwc.train_step(b)
+    nhwc.load(tmp_path / "ckpt")
+    for k, v in nhwc.export_ema().items():
+        assert torch.equal(v, got[k]), k
+
+
+def test_switching_the_weight_layout_is_not_resume_safe():
+    """The optimizer's flat state follows the stored layout: a resumed run may not change it."""
+    from jobs.stage_config import load_stage_config, resume_changes
+    from mdm.config import to_dict
+
+    old = to_dict(load_stage_config("tiny-32"))
+    new = to_dict(load_stage_config("tiny-32", overrides=["deepspeed.channels_last_weights=true"]))
+    safe, unsafe = resume_changes(old, new)
+    assert not safe and [u.split(":")[0] for u in unsafe] == ["deepspeed.channels_last_weights"]
