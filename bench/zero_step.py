@@ -32,6 +32,7 @@ from train_step import BenchStep, make_batch, timed  # noqa: E402
 
 from mdm import MDMModel, get_config  # noqa: E402
 from mdm.conditioning import null_condition  # noqa: E402
+from mdm.config import apply_overrides  # noqa: E402
 from mdm.training import TrainConfig  # noqa: E402
 from mdm.zero import PRECISIONS, ZeroConfig, ZeroTrainer  # noqa: E402
 
@@ -80,6 +81,10 @@ def main() -> None:
         help="ZeRO-3: deepspeed.stage3_module_granularity_threshold (fetch fine-grained modules as one unit; 0: off)",
     )  # fmt: skip
     p.add_argument(
+        "--plain_linear", action="store_true",
+        help="ZeRO-3: deepspeed.stage3_memory_efficient_linear=false (keep torch's own linear)",
+    )  # fmt: skip
+    p.add_argument(
         "--profile", type=int, default=0, metavar="N",
         help="after timing, profile N engine steps: GPU busy share of the wall time, top host and GPU ops",
     )  # fmt: skip
@@ -88,6 +93,10 @@ def main() -> None:
         default="channels_last,contiguous",
         help="weight layouts of the plain step: channels_last, contiguous (what DeepSpeed allows), or both",
     )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="model config overrides, e.g. model.unets.0.channels=[16,32,48] (a narrow copy: the host's share)",
+    )  # fmt: skip
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -96,7 +105,12 @@ def main() -> None:
     device = f"cuda:{local}" if cuda else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    cfg = get_config(args.config)
+    if not cuda and args.stage == 3 and args.granularity_threshold:
+        # DeepSpeed's ZeRO-3 leaf-module path calls record_stream on gradients, which CPU
+        # tensors refuse; the CPU has no streams to record, so skip it there (this bench only).
+        record_stream = torch.Tensor.record_stream
+        torch.Tensor.record_stream = lambda t, s: None if t.device.type == "cpu" else record_stream(t, s)
+    cfg = apply_overrides(get_config(args.config), args.set) if args.set else get_config(args.config)
     torch.manual_seed(0)
     model = MDMModel(cfg.model)
     c = cfg.model.conditioning
@@ -126,6 +140,7 @@ def main() -> None:
             precision=args.precision,
             stage3_persistence_threshold=args.persistence_threshold,
             stage3_module_granularity_threshold=args.granularity_threshold,
+            stage3_memory_efficient_linear=not args.plain_linear,
         ),
         null=null,
     )
@@ -171,10 +186,12 @@ def main() -> None:
         "grad_clip": args.grad_clip,
         "stage3_persistence_threshold": args.persistence_threshold if args.stage == 3 else None,
         "stage3_module_granularity_threshold": args.granularity_threshold if args.stage == 3 else None,
+        "stage3_memory_efficient_linear": (not args.plain_linear) if args.stage == 3 else None,
         "world": world,
         "batch_per_gpu": args.batch,
         "img_per_s": round(args.batch * world * args.steps / elapsed, 1),
         "img_per_s_per_gpu": round(args.batch * args.steps / elapsed, 1),
+        "step_ms": round(1000 * elapsed / args.steps, 2),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "loss_finite": bool(torch.isfinite(torch.tensor(loss))),
         "last_loss": round(loss, 5),
@@ -207,15 +224,22 @@ def main() -> None:
         }
         for name in args.plain_layouts.split(","):
             key, cl_weights = layouts[name]
-            plain = BenchStep(cfg, make_batch(cfg, args.batch, device), device, cl_weights=cl_weights, cl_inputs=True)
+            # as the engine runs: bf16 and channels-last inputs on the GPU, fp32 and contiguous on the CPU
+            plain = BenchStep(
+                cfg, make_batch(cfg, args.batch, device), device, cl_weights=cl_weights, cl_inputs=cuda, bf16=cuda
+            )
             for _ in range(args.warmup):
                 plain(compiled=args.compile or args.deepcompile)
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(args.steps):
                 plain(compiled=args.compile or args.deepcompile)
-            torch.cuda.synchronize()
-            result[key] = round(args.batch * args.steps / (time.perf_counter() - t), 1)
+            if cuda:
+                torch.cuda.synchronize()
+            took = time.perf_counter() - t
+            result[key] = round(args.batch * args.steps / took, 1)
+            result[key.replace("img_per_s", "step_ms")] = round(1000 * took / args.steps, 2)
             del plain
     if args.mfu and trainer.rank == 0:
         result.update(model_flops_utilisation(cfg, args.batch, device, result))

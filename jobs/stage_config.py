@@ -205,6 +205,7 @@ RESUME_SAFE = (
     "deepspeed.reduce_bucket_size",
     "deepspeed.compile",
     "deepspeed.compile_backend",
+    "deepspeed.stage3_memory_efficient_linear",  # the same maths through torch's own linear
     "deepspeed.channels_last",
 )
 

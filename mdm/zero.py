@@ -126,6 +126,9 @@ class ZeroConfig:
     # ZeRO-3: modules whose parameters per descendant fall under this are fetched as one unit,
     # with one pair of hooks instead of one per submodule (DeepSpeed's default 0: off)
     stage3_module_granularity_threshold: int = 0
+    # ZeRO-3: DeepSpeed's memory-efficient linear (its default) replaces
+    # torch.nn.functional.linear for the whole process with a Python autograd function
+    stage3_memory_efficient_linear: bool = True
 
     def validate(self) -> ZeroConfig:
         if self.stage not in (0, 1, 2, 3):
@@ -173,6 +176,7 @@ def deepspeed_config(
             stage3_gather_16bit_weights_on_model_save=False,
             stage3_param_persistence_threshold=zero.stage3_persistence_threshold,
             stage3_module_granularity_threshold=zero.stage3_module_granularity_threshold,
+            memory_efficient_linear=zero.stage3_memory_efficient_linear,
         )
     extra: dict = {}
     if zero.deepcompile:

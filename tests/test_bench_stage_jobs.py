@@ -43,3 +43,21 @@ def test_the_benchmark_runs_the_step_settings_of_its_job():
     args = argparse.Namespace(batch=128, set=sets, configs=",".join(configs))
     assert b.bench_flags_for("small-64", args) == []
     assert b.bench_flags_for("small-64-128", args) == ["--compile", "--channels_last_weights"]
+
+
+def test_labels_run_one_config_twice_with_their_own_overrides_and_scores_are_read():
+    b = bench()
+    assert b.entries("v=small-64,eps=small-64,small-64-128") == [
+        ("v", "small-64"),
+        ("eps", "small-64"),
+        ("small-64-128", "small-64-128"),
+    ]
+    args = argparse.Namespace(batch=128, set=["eps:model.diffusion.loss_target=eps"], configs="v=small-64,eps=small-64")
+    assert b.sets_for("v", args.set, b.names_of(args)) == []
+    assert b.sets_for("eps", args.set, b.names_of(args)) == ["model.diffusion.loss_target=eps"]
+    with pytest.raises(SystemExit, match="'small-64' is not one of"):  # labelled entries answer to their label
+        b.sets_for("v", ["small-64:train.lr=1e-3"], b.names_of(args))
+    with pytest.raises(SystemExit, match="names repeat"):
+        b.entries("small-64,small-64")
+    m = b.FID_LINE.search("   64px  FID 202.31  KID 0.0909 ± 0.0000")
+    assert m and m.groups() == ("64", "202.31", "0.0909")

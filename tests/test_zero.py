@@ -245,3 +245,20 @@ def test_switching_the_weight_layout_is_not_resume_safe():
     new = to_dict(load_stage_config("tiny-32", overrides=["deepspeed.channels_last_weights=true"]))
     safe, unsafe = resume_changes(old, new)
     assert not safe and [u.split(":")[0] for u in unsafe] == ["deepspeed.channels_last_weights"]
+
+
+def test_zero3_leaves_torchs_linear_alone_when_asked():
+    """DeepSpeed's ZeRO-3 swaps ``torch.nn.functional.linear`` for its own Python autograd
+    function in the whole process (every other model in the worker, the sampler included, then
+    runs through it); ``stage3_memory_efficient_linear=false`` keeps torch's own."""
+    import torch.nn.functional as F
+
+    builtin = torch._C._nn.linear  # what F.linear is until DeepSpeed replaces it
+    F.linear = builtin  # an earlier ZeRO-3 engine of this process may have replaced it already
+    try:
+        _tiny_trainer(3, stage3_memory_efficient_linear=False)
+        assert F.linear is builtin
+        _tiny_trainer(3)  # DeepSpeed's default, what the option exists to turn off
+        assert F.linear is not builtin
+    finally:
+        F.linear = builtin
