@@ -225,11 +225,20 @@ def _mappings(d: Any) -> bool:
     return isinstance(d, list) and bool(d) and all(isinstance(x, dict) for x in d)
 
 
+def with_defaults(stored: dict) -> dict:
+    """``stored`` with the fields a newer version added filled in at their defaults: a run
+    started before a field existed ran as its default does, so resuming it is no change."""
+    try:
+        return to_dict(from_dict(StageConfig, stored))
+    except (ConfigError, TypeError, ValueError):
+        return stored  # compared as written: whatever no longer parses shows up as a change
+
+
 def resume_changes(stored: dict, new: dict) -> tuple[list[str], list[str]]:
     """``(safe, unsafe)``: the dotted fields whose values differ between the config a run
     was started with (``stored``, as ``to_dict`` wrote it) and ``new``, each as
-    ``"field: old -> new"``."""
-    old_leaves, new_leaves = flatten(stored), flatten(new)
+    ``"field: old -> new"``. Fields ``stored`` lacks count at their defaults."""
+    old_leaves, new_leaves = flatten(with_defaults(stored)), flatten(new)
     safe, unsafe = [], []
     for key in sorted(set(old_leaves) | set(new_leaves)):
         a, b = old_leaves.get(key, "<absent>"), new_leaves.get(key, "<absent>")

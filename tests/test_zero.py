@@ -245,6 +245,14 @@ def test_switching_the_weight_layout_is_not_resume_safe():
     new = to_dict(load_stage_config("tiny-32", overrides=["deepspeed.channels_last_weights=true"]))
     safe, unsafe = resume_changes(old, new)
     assert not safe and [u.split(":")[0] for u in unsafe] == ["deepspeed.channels_last_weights"]
+    # a run stored before the field existed ran as its default does: resuming it is no change,
+    # and turning the field on is refused all the same
+    before = to_dict(load_stage_config("tiny-32"))
+    for key in ("channels_last_weights", "deepcompile", "compile_backend", "stage3_memory_efficient_linear"):
+        del before["deepspeed"][key]
+    assert resume_changes(before, to_dict(load_stage_config("tiny-32"))) == ([], [])
+    safe, unsafe = resume_changes(before, new)
+    assert not safe and [u.split(":")[0] for u in unsafe] == ["deepspeed.channels_last_weights"]
 
 
 def test_zero3_leaves_torchs_linear_alone_when_asked():
