@@ -90,32 +90,33 @@ def sets_for(config: str, sets: list[str], configs: list[str]) -> list[str]:
     return out
 
 
-def batch_for(config: str, args) -> int:
-    """The config's ``train.batch_size``: the last ``--set`` for it, else ``--batch``."""
-    batch = args.batch
-    for item in sets_for(config, args.set, names_of(args)):
-        key, _, value = item.partition("=")
-        if key == "train.batch_size":
-            batch = int(value)
-    return batch
+def job_config(name: str, args):
+    """The stage config the job named ``name`` runs with, read by the jobs' own loader: the
+    defaults this script sets, then the ``--set`` overrides for that job."""
+    from jobs.stage_config import load_stage_config
+
+    config = dict(entries(args.configs))[name]
+    overrides = [f"model={config}", f"train.batch_size={args.batch}", *sets_for(name, args.set, names_of(args))]
+    return load_stage_config(config, overrides=overrides)
+
+
+def batch_for(name: str, args) -> int:
+    """The job's ``train.batch_size``: the last ``--set`` for it, else ``--batch``."""
+    return job_config(name, args).train.batch_size
 
 
 # Step settings of a job that its benchmark must share to be side by side (flags of bench/zero_step.py).
 BENCH_FLAGS = {
-    "deepspeed.compile": "--compile",
-    "deepspeed.channels_last_weights": "--channels_last_weights",
-    "deepspeed.deepcompile": "--deepcompile",
+    "compile": "--compile",
+    "channels_last_weights": "--channels_last_weights",
+    "deepcompile": "--deepcompile",
 }
 
 
-def bench_flags_for(config: str, args) -> list[str]:
-    """The ``bench/zero_step.py`` flags for the step settings ``config``'s job runs with."""
-    on: dict[str, bool] = {}
-    for item in sets_for(config, args.set, names_of(args)):
-        key, _, value = item.partition("=")
-        if key in BENCH_FLAGS:
-            on[key] = value.strip().lower() in ("1", "true", "yes", "on")
-    return [BENCH_FLAGS[k] for k, v in on.items() if v]
+def bench_flags_for(name: str, args) -> list[str]:
+    """The ``bench/zero_step.py`` flags for the ``deepspeed.*`` step settings the job runs with."""
+    zero = job_config(name, args).deepspeed
+    return [flag for field, flag in BENCH_FLAGS.items() if getattr(zero, field)]
 
 
 def run_job(name: str, config: str, steps: int, args, log_path: Path) -> dict:

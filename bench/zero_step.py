@@ -98,6 +98,7 @@ def main() -> None:
         help="model config overrides, e.g. model.unets.0.channels=[16,32,48] (a narrow copy: the host's share)",
     )  # fmt: skip
     args = p.parse_args()
+    compiled = args.compile or args.deepcompile  # DeepCompile compiles the model too
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
@@ -133,7 +134,7 @@ def main() -> None:
         train,
         ZeroConfig(
             stage=args.stage,
-            compile=args.compile or args.deepcompile,
+            compile=compiled,
             deepcompile=args.deepcompile,
             overlap_comm=not args.no_overlap,
             channels_last_weights=args.channels_last_weights,
@@ -177,7 +178,7 @@ def main() -> None:
     result = {
         "config": args.config,
         "zero_stage": args.stage,
-        "compile": args.compile or args.deepcompile,
+        "compile": compiled,
         "deepcompile": args.deepcompile,
         "overlap_comm": not args.no_overlap,
         "channels_last_weights": args.channels_last_weights,
@@ -229,12 +230,12 @@ def main() -> None:
                 cfg, make_batch(cfg, args.batch, device), device, cl_weights=cl_weights, cl_inputs=cuda, bf16=cuda
             )
             for _ in range(args.warmup):
-                plain(compiled=args.compile or args.deepcompile)
+                plain(compiled=compiled)
             if cuda:
                 torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(args.steps):
-                plain(compiled=args.compile or args.deepcompile)
+                plain(compiled=compiled)
             if cuda:
                 torch.cuda.synchronize()
             took = time.perf_counter() - t
